@@ -1,0 +1,1 @@
+"""The kopf operator for NeoXTraining and NeoXServing; it never imports torch."""
