@@ -182,7 +182,7 @@ class LocalCluster:
             "--leader-elect=false", "--controllers", "*",
             "--service-account-private-key-file", str(pki / "sa.key"),
             "--root-ca-file", str(pki / "apiserver.crt"),
-            "--use-service-account-credentials=false",
+            "--use-service-account-credentials=true",
             "--service-cluster-ip-range", SERVICE_CIDR,
             # Node loss is noticed quickly, so tests of it stay short.
             "--node-monitor-grace-period", "20s", "--node-monitor-period", "2s",

@@ -13,7 +13,7 @@ DEFAULT_RUNTIME_IMAGE = "ghcr.io/neox-k8s/runtime:0.1.0"
 
 
 class FreeForm(CRDModel):
-    """Marker for objects passed through to Kubernetes as they are (tolerations, affinity)."""
+    """A Kubernetes object passed through unchanged (a toleration, an affinity)."""
 
     model_config = {**CRDModel.model_config, "extra": "allow"}
     crd_extra = {"x-kubernetes-preserve-unknown-fields": True}
@@ -50,7 +50,7 @@ class Scheduling(CRDModel):
 
 class Resources(CRDModel):
     gpu_memory_gib: float | None = Field(
-        None, gt=0, le=4096,
+        None, gt=0, le=4096, alias="gpuMemoryGiB",
         description="Memory of one GPU in GiB, used by the feasibility check. Read from the "
         "`nvidia.com/gpu.memory` node label (MiB) when not set.")
     gpu_resource_name: str = Field(

@@ -101,6 +101,7 @@ def field_schema(model: type[CRDModel], name: str, info: FieldInfo) -> dict[str,
     if not info.description:
         raise ValueError(f"{model.__name__}.{name} has no description; every CRD field needs one")
     schema = annotation_schema(info.annotation)
+    schema.pop("description", None)  # the field's own description wins over its class's
     schema = {"description": info.description, **schema, **_constraints(info, schema)}
     default = _default(info)
     if default is not PydanticUndefined:
@@ -111,6 +112,8 @@ def field_schema(model: type[CRDModel], name: str, info: FieldInfo) -> dict[str,
 
 def model_schema(model: type[CRDModel]) -> dict[str, Any]:
     schema: dict[str, Any] = {"type": "object"}
+    if model.__dict__.get("__doc__"):
+        schema["description"] = " ".join(model.__doc__.split())
     properties, required = {}, []
     for name, info in model.model_fields.items():
         alias = info.alias or name

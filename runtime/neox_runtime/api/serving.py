@@ -71,6 +71,8 @@ class Autoscaling(CRDModel):
 
 
 class CanaryStep(CRDModel):
+    """One step of a canary: a traffic weight held for a while, then analysed."""
+
     weight: int = Field(ge=0, le=100, description="Percent of replicas (so of traffic) on the new revision.")
     pause_seconds: int = Field(60, ge=0, le=86400, description="Time at this weight before analysis and the next step.")
 
@@ -154,6 +156,8 @@ class NeoXServingSpec(CRDModel):
 
 
 class Revision(CRDModel):
+    """A live revision: one Deployment serving one checkpoint and runtime config."""
+
     name: str = Field(description="Revision id (hash of what changes the pods).")
     checkpoint: str | None = Field(None, description="Checkpoint it serves.")
     replicas: int = Field(0, description="Replicas of this revision.")

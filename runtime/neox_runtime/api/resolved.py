@@ -1,0 +1,141 @@
+"""Turn a NeoXTraining spec into the fully resolved config the pods run.
+
+The operator writes this document into the training's ConfigMap; `neox-train --config`
+computes the same document from a manifest or a bare spec, so a user runs locally
+exactly what the cluster runs. Presets are expanded, published recipe values fill what
+the spec leaves open, the data-parallel size is derived, and the DeepSpeed JSON is
+built with the user's `deepspeed` overrides merged last.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from .architecture import PRESETS, ModelArchitecture, TrainingRecipe
+from .training import NeoXTrainingSpec
+
+RESOLVED_KIND = "ResolvedTraining"
+API_VERSION = "neox.dev/v1alpha1"
+
+
+class ResolvedOptimization(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay: str
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+
+class ResolvedTraining(BaseModel):
+    """Everything a rank needs besides its rendezvous env."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    namespace: str | None
+    spec: NeoXTrainingSpec
+    architecture: ModelArchitecture
+    world_size: int
+    ranks_per_node: int
+    data_parallel: int
+    optimization: ResolvedOptimization
+    deepspeed: dict[str, Any]
+
+    def to_document(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION, "kind": RESOLVED_KIND,
+            "metadata": {"name": self.name, "namespace": self.namespace},
+            "spec": self.spec.to_wire(),
+            "architecture": self.architecture.model_dump(),
+            "worldSize": self.world_size, "ranksPerNode": self.ranks_per_node,
+            "dataParallel": self.data_parallel,
+            "optimization": self.optimization.model_dump(mode="json"),
+            "deepspeed": self.deepspeed,
+        }
+
+
+def _recipe(spec: NeoXTrainingSpec) -> TrainingRecipe | None:
+    return PRESETS[spec.model.preset].recipe if spec.model.preset else None
+
+
+def resolve_optimization(spec: NeoXTrainingSpec) -> ResolvedOptimization:
+    recipe = _recipe(spec)
+    opt, schedule, steps = spec.training.optimizer, spec.training.schedule, spec.training.steps
+    lr = opt.lr if opt.lr is not None else (recipe.learning_rate if recipe else 3e-4)
+    min_lr = opt.min_lr if opt.min_lr is not None else (
+        recipe.min_learning_rate if recipe and opt.lr is None else lr * 0.1)
+    warmup_fraction = recipe.warmup_fraction if recipe else 0.01
+    warmup = schedule.warmup_steps if schedule.warmup_steps is not None else int(steps * warmup_fraction)
+    return ResolvedOptimization(lr=lr, min_lr=min(min_lr, lr), warmup_steps=min(warmup, steps),
+                                decay=schedule.decay, betas=(opt.beta1, opt.beta2), eps=opt.eps,
+                                weight_decay=opt.weight_decay)
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` wins; nested dicts merge key by key."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def deepspeed_config(spec: NeoXTrainingSpec, optimization: ResolvedOptimization) -> dict[str, Any]:
+    """The DeepSpeed JSON. The LR schedule is driven by the runtime (warmup + decay to a
+    floor, which DeepSpeed's built-in schedulers cannot express), so none is set here."""
+    training = spec.training
+    config: dict[str, Any] = {
+        "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps
+        * spec.parallelism.data_parallel,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "gradient_clipping": training.gradient_clipping,
+        "zero_optimization": {"stage": training.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": optimization.lr, "betas": list(optimization.betas), "eps": optimization.eps,
+            "weight_decay": optimization.weight_decay}},
+        "bf16": {"enabled": training.precision == "bf16"},
+        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": 12, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1},
+        "activation_checkpointing": {"partition_activations": training.activation_checkpointing,
+                                     "contiguous_memory_optimization": False},
+        "steps_per_print": training.log_interval,
+        "wall_clock_breakdown": False,
+    }
+    if training.zero_stage >= 1:
+        config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True,
+                                           reduce_bucket_size=500_000_000)
+    return deep_merge(config, spec.deepspeed or {})
+
+
+def resolve(spec: NeoXTrainingSpec, name: str = "local", namespace: str | None = None) -> ResolvedTraining:
+    optimization = resolve_optimization(spec)
+    return ResolvedTraining(
+        name=name, namespace=namespace, spec=spec, architecture=spec.architecture(),
+        world_size=spec.parallelism.world_size, ranks_per_node=spec.parallelism.ranks_per_node,
+        data_parallel=spec.parallelism.data_parallel, optimization=optimization,
+        deepspeed=deepspeed_config(spec, optimization),
+    )
+
+
+def load_document(document: dict[str, Any]) -> ResolvedTraining:
+    """Accept a NeoXTraining manifest, a bare spec, or a resolved document."""
+    if document.get("kind") == RESOLVED_KIND:
+        meta = document.get("metadata") or {}
+        return resolve(NeoXTrainingSpec.model_validate(document["spec"]),
+                       meta.get("name", "local"), meta.get("namespace"))
+    if document.get("kind") == "NeoXTraining":
+        meta = document.get("metadata") or {}
+        return resolve(NeoXTrainingSpec.model_validate(document["spec"]),
+                       meta.get("name", "local"), meta.get("namespace"))
+    return resolve(NeoXTrainingSpec.model_validate(document))

@@ -1,0 +1,123 @@
+"""The CRDs as the real API server enforces them: schema, CEL, defaults, subresources."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from tests.corpus import EXAMPLES, custom_resources, invalid_cases
+
+from .kube import Kube
+
+
+def _create(kube: Kube, namespace: str, document: dict, dry_run: bool = False):
+    args = ["create", "-n", namespace, "-f", "-", "-o", "json"]
+    if dry_run:
+        args.append("--dry-run=server")
+    return kube.kubectl(*args, input=yaml.safe_dump(document), check=False)
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
+def test_example_is_accepted_with_server_side_defaults(kube: Kube, namespace: str, example):
+    for document in custom_resources(example):
+        proc = _create(kube, namespace, document)
+        assert proc.returncode == 0, proc.stderr
+        stored = json.loads(proc.stdout)
+        spec = stored["spec"]
+        if document["kind"] == "NeoXTraining":
+            # Fields the example leaves out come back with the schema's defaults.
+            assert spec["checkpoint"]["retainPolicy"] == "Retain"
+            assert spec["failurePolicy"]["maxRestarts"] >= 0
+            assert spec["training"]["schedule"]["decay"] == "cosine"
+            assert spec["suspend"] is False
+        else:
+            assert spec["rollout"]["strategy"] in ("Rolling", "Canary")
+            assert spec["runtime"]["tensorParallel"] >= 1
+            assert "enabled" in spec["autoscaling"]
+
+
+@pytest.mark.parametrize("name,document,expect", invalid_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_invalid_manifest_is_refused_naming_the_field(kube: Kube, namespace: str, name, document, expect):
+    proc = _create(kube, namespace, document, dry_run=True)
+    assert proc.returncode != 0, f"{name} was accepted"
+    assert expect in proc.stderr, proc.stderr
+
+
+def _training(namespace: str) -> dict:
+    return copy.deepcopy(custom_resources(next(p for p in EXAMPLES if p.name == "training-tiny-cpu.yaml"))[0])
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("model", {"preset": "pythia-70m"}, "spec.model is immutable"),
+    ("parallelism", {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}, "spec.parallelism is immutable"),
+])
+def test_architecture_and_parallelism_are_immutable(kube: Kube, namespace: str, field, value, expect):
+    document = _training(namespace)
+    assert _create(kube, namespace, document).returncode == 0
+    patch = json.dumps({"spec": {field: value}})
+    proc = kube.kubectl("patch", "nxt", document["metadata"]["name"], "-n", namespace,
+                        "--type", "merge", "-p", patch, check=False)
+    assert proc.returncode != 0
+    assert expect in proc.stderr
+    # Mutable fields still change.
+    kube.kubectl("patch", "nxt", document["metadata"]["name"], "-n", namespace, "--type", "merge",
+                 "-p", json.dumps({"spec": {"suspend": True, "failurePolicy": {"maxRestarts": 7}}}))
+    stored = kube.get("nxt", document["metadata"]["name"], namespace)["spec"]
+    assert stored["suspend"] is True and stored["failurePolicy"]["maxRestarts"] == 7
+
+
+def test_scale_subresource_sets_replicas(kube: Kube, namespace: str):
+    serving = custom_resources(next(p for p in EXAMPLES if p.name == "serving-from-training.yaml"))[0]
+    assert _create(kube, namespace, serving).returncode == 0
+    kube.kubectl("scale", "nxs", serving["metadata"]["name"], "-n", namespace, "--replicas=3")
+    assert kube.get("nxs", serving["metadata"]["name"], namespace)["spec"]["replicas"] == 3
+    scale = json.loads(kube.kubectl("get", "--raw",
+                                    f"/apis/neox.dev/v1alpha1/namespaces/{namespace}/neoxservings/"
+                                    f"{serving['metadata']['name']}/scale").stdout)
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
+
+
+def test_status_and_spec_are_written_separately(kube: Kube, namespace: str):
+    document = _training(namespace)
+    name = document["metadata"]["name"]
+    assert _create(kube, namespace, document).returncode == 0
+    # A status write through the subresource ignores spec changes in the same body ...
+    kube.kubectl("patch", "nxt", name, "-n", namespace, "--subresource", "status", "--type", "merge",
+                 "-p", json.dumps({"spec": {"suspend": True}, "status": {"phase": "Running", "restarts": 2}}))
+    stored = kube.get("nxt", name, namespace)
+    assert stored["status"] == {"phase": "Running", "restarts": 2}
+    assert stored["spec"]["suspend"] is False
+    # ... and a write to the main resource ignores status.
+    kube.kubectl("patch", "nxt", name, "-n", namespace, "--type", "merge",
+                 "-p", json.dumps({"spec": {"suspend": True}, "status": {"phase": "Failed"}}))
+    stored = kube.get("nxt", name, namespace)
+    assert stored["spec"]["suspend"] is True and stored["status"]["phase"] == "Running"
+    generation = stored["metadata"]["generation"]
+    kube.kubectl("patch", "nxt", name, "-n", namespace, "--subresource", "status", "--type", "merge",
+                 "-p", json.dumps({"status": {"restarts": 3}}))
+    assert kube.get("nxt", name, namespace)["metadata"]["generation"] == generation
+
+
+def test_printer_columns_and_short_names(kube: Kube, namespace: str):
+    document = _training(namespace)
+    assert _create(kube, namespace, document).returncode == 0
+    kube.kubectl("patch", "nxt", document["metadata"]["name"], "-n", namespace, "--subresource", "status",
+                 "--type", "merge", "-p", json.dumps({"status": {
+                     "phase": "Running", "restarts": 1, "progress": {"stepDisplay": "50/200", "loss": "3.21"}}}))
+    table = kube.kubectl("get", "nxt", "-n", namespace).stdout
+    header, row = table.splitlines()[0].split(), table.splitlines()[1].split()
+    assert header[:5] == ["NAME", "PHASE", "STEP", "LOSS", "RESTARTS"]
+    assert row[:5] == ["tiny-cpu", "Running", "50/200", "3.21", "1"]
+    # The `neox` category lists both kinds.
+    assert "neoxtraining.neox.dev/tiny-cpu" in kube.kubectl("get", "neox", "-n", namespace).stdout
+
+
+def test_kubectl_explain_teaches_the_api(kube: Kube):
+    text = kube.kubectl("explain", "neoxtraining.spec.parallelism").stdout
+    assert "Tensor-parallel degree" in text and "Pipeline-parallel stages" in text
+    assert "Pods in the group, one per node" in text
+    serving = kube.kubectl("explain", "nxs.spec.rollout.canarySteps").stdout
+    assert "increasing" in serving

@@ -1,0 +1,46 @@
+"""The shared corpus of valid and invalid manifests (tests/data/crd_corpus.yaml)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
+
+
+def custom_resources(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d and d["apiVersion"].startswith("neox.dev/")]
+
+
+def _set(document: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = document
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _delete(document: dict[str, Any], dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    node = document
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+
+
+def invalid_cases() -> list[tuple[str, dict[str, Any], str]]:
+    corpus = yaml.safe_load((REPO_ROOT / "tests" / "data" / "crd_corpus.yaml").read_text())
+    bases = {name: custom_resources(REPO_ROOT / path)[-1] for name, path in corpus["bases"].items()}
+    cases = []
+    for entry in corpus["invalid"]:
+        document = copy.deepcopy(bases[entry["base"]])
+        for dotted, value in (entry.get("set") or {}).items():
+            _set(document, dotted, value)
+        for dotted in entry.get("delete") or []:
+            _delete(document, dotted)
+        cases.append((entry["name"], document, entry["expect"]))
+    return cases
