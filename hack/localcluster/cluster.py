@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 from . import build, nodes
 
 DEFAULT_STATE_DIR = build.CACHE_ROOT / "cluster"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "provisioner")
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing on this machine routes to it
 
 
@@ -96,6 +97,7 @@ class LocalCluster:
         self._start_controller_manager(bins, ports)
         self._start_scheduler(bins, ports)
         self._start_kwok(bins, ports)
+        self._start_provisioner(bins)
         nodes.register_gpu_nodes(self.kubectl, self.gpu_nodes)
         self._wait(lambda: nodes.ready_count(self.kubectl) >= self.gpu_nodes, timeout, "nodes Ready")
         self._wait(self._default_service_account_exists, timeout, "default ServiceAccount")
@@ -133,12 +135,12 @@ class LocalCluster:
         path.write_text(json.dumps(config, indent=2))
         path.chmod(0o600)
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         logs = self.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self._pid_file(name).parent.mkdir(parents=True, exist_ok=True)
         with open(logs / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self._pid_file(name).write_text(str(proc.pid))
 
@@ -213,12 +215,29 @@ class LocalCluster:
             "--server-address", f"127.0.0.1:{ports.kwok}",
         ])
 
+    @property
+    def volumes_dir(self) -> Path:
+        """Where the local provisioner keeps each claim's data: `<namespace>/<claim>/`."""
+        return self.state_dir / "volumes"
+
+    def _start_provisioner(self, bins: Path) -> None:
+        self._spawn("provisioner", [
+            sys.executable, "-m", "localcluster.provisioner", "--kubectl", str(bins / "kubectl"),
+            "--kubeconfig", str(self.kubeconfig), "--root", str(self.volumes_dir),
+        ], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+
     # ------------------------------------------------------------------ checks
     def _ports(self) -> Ports | None:
         try:
             return Ports(**json.loads(self._ports_file.read_text()))
         except (FileNotFoundError, ValueError, TypeError):
             return None
+
+    def server(self) -> str:
+        """URL of the API server."""
+        ports = self._ports()
+        assert ports is not None, "the cluster has not been started"
+        return f"https://127.0.0.1:{ports.apiserver}"
 
     def _admin_token(self) -> str:
         return json.loads(self.kubeconfig.read_text())["users"][0]["user"]["token"]

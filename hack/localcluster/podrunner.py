@@ -1,0 +1,268 @@
+"""Run the containers of kwok pods as real local processes: a kubelet for development.
+
+kwok makes pods Running without running anything. For the demo and the end-to-end
+tests we want the real runtime behind those pods: this runner watches pods that carry
+a chosen label, and for each one that kwok reports Running it starts the container's
+command on this machine, with the environment the pod would have had:
+
+- env values, including downward-API fields (the Job completion index, pod name, ...),
+  ConfigMap and Secret keys;
+- volumes as directories: a ConfigMap or Secret is written out, a PersistentVolumeClaim
+  is a directory per claim under the state dir (so checkpoints outlive pods, as on a
+  real cluster), an emptyDir is a fresh directory; mount paths in env values and args
+  are rewritten to those directories;
+- the pod's ServiceAccount as a kubeconfig (a real token, so RBAC applies as in a pod);
+- rendezvous on loopback: MASTER_ADDR becomes 127.0.0.1 and each Job gets its own port.
+
+When the process exits, the pod is annotated with its exit code and kwok ends the pod
+the way a kubelet would (Succeeded or Failed). When the pod is deleted, the process
+gets SIGTERM, then SIGKILL after the pod's grace period, like a real container.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import nodes
+
+Kubectl = Callable[..., subprocess.CompletedProcess]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LocalPod:
+    namespace: str
+    name: str
+    uid: str
+    process: subprocess.Popen
+    workdir: Path
+    grace_seconds: int
+    terminating_since: float | None = None
+
+
+@dataclass
+class PodRunner:
+    """Watch pods matching `selector` in `namespace` and run them locally."""
+
+    kubectl: Kubectl
+    namespace: str
+    selector: str
+    state_dir: Path
+    server: str
+    path_prefix: list[str] = field(default_factory=list)
+    log: Callable[[str], None] = print
+    poll_seconds: float = 0.5
+    _pods: dict[str, LocalPod] = field(default_factory=dict)
+    _job_ports: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "PodRunner":
+        self._thread = threading.Thread(target=self._loop, name="podrunner", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=30)
+        for pod in list(self._pods.values()):
+            self._terminate(pod, force_after=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception as error:  # noqa: BLE001 - the runner must outlive API hiccups
+                self.log(f"Pod runner sync failed: {error}")
+            self._stop.wait(self.poll_seconds)
+
+    def sync(self) -> None:
+        proc = self.kubectl("get", "pods", "-n", self.namespace, "-l", self.selector, "-o", "json", check=False)
+        if proc.returncode != 0:
+            return
+        seen = set()
+        for pod in json.loads(proc.stdout)["items"]:
+            uid = pod["metadata"]["uid"]
+            seen.add(uid)
+            local = self._pods.get(uid)
+            if pod["metadata"].get("deletionTimestamp"):
+                if local:
+                    self._begin_termination(local)
+            elif local is None and pod["status"].get("phase") == "Running":
+                self._pods[uid] = self._launch(pod)
+        for uid, local in list(self._pods.items()):
+            if uid not in seen:
+                self._begin_termination(local)
+            exit_code = local.process.poll()
+            if exit_code is not None:
+                self._pods.pop(uid)
+                if uid in seen and local.terminating_since is None:
+                    self.log(f"Pod {local.name} exited with code {exit_code}")
+                    self.kubectl("annotate", "pod", local.name, "-n", local.namespace, "--overwrite",
+                                 f"{nodes.EXIT_CODE_ANNOTATION}={exit_code}", check=False)
+            elif local.terminating_since and time.monotonic() - local.terminating_since > local.grace_seconds:
+                local.process.kill()
+
+    # ------------------------------------------------------------------ launching
+    def _launch(self, pod: dict[str, Any]) -> LocalPod:
+        meta, spec = pod["metadata"], pod["spec"]
+        workdir = self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}"
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+        container = spec["containers"][0]
+        mounts = self._materialize_volumes(pod, container, workdir)
+        env = self._environment(pod, container, mounts, workdir)
+        argv = [_rewrite(arg, mounts) for arg in container.get("command", []) + container.get("args", [])]
+        log_file = open(workdir / "container.log", "ab")  # noqa: SIM115 - closed with the process
+        self.log(f"Starting pod {meta['name']} locally: {' '.join(argv)} (log: {workdir / 'container.log'})")
+        process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        log_file.close()
+        return LocalPod(meta["namespace"], meta["name"], meta["uid"], process, workdir,
+                        int(spec.get("terminationGracePeriodSeconds", 30)))
+
+    def _materialize_volumes(self, pod: dict[str, Any], container: dict[str, Any], workdir: Path) -> dict[str, Path]:
+        """mountPath → local directory (or file, for subPath mounts)."""
+        namespace = pod["metadata"]["namespace"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            if "persistentVolumeClaim" in volume:
+                local = self._claim_path(namespace, volume["persistentVolumeClaim"]["claimName"])
+            elif "configMap" in volume or "secret" in volume:
+                local = workdir / "volumes" / mount["name"]
+                self._write_keys(namespace, volume, local)
+            else:  # emptyDir and anything else: a scratch directory
+                local = workdir / "volumes" / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            if mount.get("subPath"):
+                local = local / mount["subPath"]
+            mounts[mount["mountPath"]] = local
+        return mounts
+
+    def _claim_path(self, namespace: str, claim: str) -> Path:
+        """The hostPath of the volume bound to the claim (see provisioner.py)."""
+        pvc = json.loads(self.kubectl("get", "pvc", claim, "-n", namespace, "-o", "json").stdout)
+        volume = pvc["spec"].get("volumeName")
+        if not volume:
+            raise RuntimeError(f"claim {namespace}/{claim} is not bound yet")
+        pv = json.loads(self.kubectl("get", "pv", volume, "-o", "json").stdout)
+        return Path(pv["spec"]["hostPath"]["path"])
+
+    def _write_keys(self, namespace: str, volume: dict[str, Any], target: Path) -> None:
+        kind, source = ("configmap", volume["configMap"]) if "configMap" in volume else ("secret", volume["secret"])
+        name = source.get("name") or source.get("secretName")
+        obj = json.loads(self.kubectl("get", kind, name, "-n", namespace, "-o", "json").stdout)
+        data = obj.get("data") or {}
+        target.mkdir(parents=True, exist_ok=True)
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        for item in items:
+            value = data.get(item["key"], "")
+            if kind == "secret":
+                (target / item["path"]).write_bytes(base64.b64decode(value))
+            else:
+                (target / item["path"]).write_text(value)
+
+    def _environment(self, pod: dict[str, Any], container: dict[str, Any], mounts: dict[str, Path],
+                     workdir: Path) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
+        if self.path_prefix:
+            env["PATH"] = os.pathsep.join(self.path_prefix + [env.get("PATH", "")])
+        for item in container.get("env", []):
+            value = item.get("value")
+            if value is None and "valueFrom" in item:
+                value = self._value_from(pod, item["valueFrom"])
+            if value is not None:
+                env[item["name"]] = _rewrite(str(value), mounts)
+        job = pod["metadata"].get("labels", {}).get("job-name") or pod["metadata"]["name"]
+        if "MASTER_ADDR" in env:
+            env["MASTER_ADDR"] = "127.0.0.1"
+            env["MASTER_PORT"] = str(self._job_ports.setdefault(job, _free_port()))
+        env["KUBECONFIG"] = str(self._service_account_kubeconfig(pod, workdir))
+        env["HOSTNAME"] = pod["spec"].get("hostname", pod["metadata"]["name"])
+        return env
+
+    def _value_from(self, pod: dict[str, Any], source: dict[str, Any]) -> str | None:
+        if "fieldRef" in source:
+            return _field_path(pod, source["fieldRef"]["fieldPath"])
+        for key, kind in (("configMapKeyRef", "configmap"), ("secretKeyRef", "secret")):
+            if key in source:
+                ref = source[key]
+                obj = json.loads(self.kubectl("get", kind, ref["name"], "-n", pod["metadata"]["namespace"],
+                                              "-o", "json").stdout)
+                value = (obj.get("data") or {}).get(ref["key"])
+                if kind == "secret" and value is not None:
+                    value = base64.b64decode(value).decode()
+                return value
+        return None
+
+    def _service_account_kubeconfig(self, pod: dict[str, Any], workdir: Path) -> Path:
+        account = pod["spec"].get("serviceAccountName", "default")
+        token = self.kubectl("create", "token", account, "-n", pod["metadata"]["namespace"],
+                             "--duration", "2h").stdout.strip()
+        config = {
+            "apiVersion": "v1", "kind": "Config", "current-context": "pod",
+            "clusters": [{"name": "local", "cluster": {"server": self.server, "insecure-skip-tls-verify": True}}],
+            "users": [{"name": account, "user": {"token": token}}],
+            "contexts": [{"name": "pod", "context": {"cluster": "local", "user": account,
+                                                     "namespace": pod["metadata"]["namespace"]}}],
+        }
+        path = workdir / "serviceaccount.kubeconfig"
+        path.write_text(json.dumps(config))
+        return path
+
+    # ------------------------------------------------------------------ termination
+    def _begin_termination(self, pod: LocalPod) -> None:
+        if pod.terminating_since is None and pod.process.poll() is None:
+            self.log(f"Pod {pod.name} is being deleted: sending SIGTERM")
+            os.killpg(pod.process.pid, signal.SIGTERM)
+        if pod.terminating_since is None:
+            pod.terminating_since = time.monotonic()
+
+    def _terminate(self, pod: LocalPod, force_after: float) -> None:
+        self._begin_termination(pod)
+        try:
+            pod.process.wait(timeout=force_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(pod.process.pid, signal.SIGKILL)
+            pod.process.wait()
+
+
+def _rewrite(value: str, mounts: dict[str, Path]) -> str:
+    for mount_path in sorted(mounts, key=len, reverse=True):
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")):]
+        if f"={mount_path}" in value:  # --flag=/mount/path
+            return value.replace(f"={mount_path}", f"={mounts[mount_path]}", 1)
+    return value
+
+
+def _field_path(pod: dict[str, Any], path: str) -> str | None:
+    """Resolve a downward-API fieldPath such as metadata.annotations['a/b']."""
+    if path.startswith("metadata.annotations[") or path.startswith("metadata.labels["):
+        section, key = path.split("[", 1)
+        return pod["metadata"].get(section.split(".")[1], {}).get(key.strip("]'\""))
+    simple = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": pod["metadata"]["namespace"],
+              "metadata.uid": pod["metadata"]["uid"], "spec.nodeName": pod["spec"].get("nodeName"),
+              "spec.serviceAccountName": pod["spec"].get("serviceAccountName"),
+              "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+    return simple.get(path)
