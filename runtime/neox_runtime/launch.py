@@ -90,7 +90,7 @@ def launch_local_ranks(argv: list[str], rendezvous: Rendezvous | None = None) ->
 def _wait_all(children: list[subprocess.Popen], poll_seconds: float = 0.2) -> int:
     """Wait for every child; when one fails, stop the rest (they would hang in a collective)."""
     first_failure = 0
-    while any(child.poll() is None for child in children):
+    while [child.poll() for child in children].count(None):  # poll every child, no short-circuit
         failed = [c.returncode for c in children if c.returncode not in (None, 0)]
         if failed and not first_failure:
             first_failure = failed[0]
