@@ -30,6 +30,7 @@ ENV_NAMESPACE = "NEOX_NAMESPACE"
 ENV_ATTEMPT = "NEOX_ATTEMPT"
 ENV_POD_NAME = "NEOX_POD_NAME"
 ENV_CHECKPOINT_DIR = "NEOX_CHECKPOINT_DIR"
+ENV_DATA_DIR = "NEOX_DATA_DIR"  # the data directory, inside whichever volume holds it
 ENV_PROGRESS = "NEOX_PROGRESS"  # "kubernetes" (patch the CR's status), "file:PATH" or "off"
 ENV_DS_ACCELERATOR = "DS_ACCELERATOR"
 

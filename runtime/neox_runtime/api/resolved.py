@@ -139,3 +139,52 @@ def load_document(document: dict[str, Any]) -> ResolvedTraining:
         return resolve(NeoXTrainingSpec.model_validate(document["spec"]),
                        meta.get("name", "local"), meta.get("namespace"))
     return resolve(NeoXTrainingSpec.model_validate(document))
+
+
+def train_config_fields(resolved: ResolvedTraining, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """The runtime's `TrainConfig` fields for a resolved training.
+
+    Paths come from the contract's env vars when the operator set them (in a pod, or under
+    the local pod runner); run by hand, they are taken as written in the spec, relative to
+    the working directory, and checkpoints go to `./checkpoints/<name>`.
+    """
+    import os
+
+    from . import contract
+
+    env = dict(os.environ if env is None else env)
+    spec, opt = resolved.spec, resolved.optimization
+    data_dir = env.get(contract.ENV_DATA_DIR) or spec.data.path
+    data_root = env.get(contract.ENV_DATA_DIR, "").removesuffix(spec.data.path).rstrip("/") or "."
+
+    def in_data_volume(path: str | None) -> str | None:
+        return None if path is None else os.path.join(data_root, path)
+
+    training = spec.training
+    return {
+        "architecture": resolved.architecture.model_dump(),
+        "seq_length": training.seq_length,
+        "micro_batch_size": training.micro_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "train_steps": training.steps,
+        "lr": opt.lr, "min_lr": opt.min_lr, "warmup_steps": opt.warmup_steps,
+        "weight_decay": opt.weight_decay, "betas": list(opt.betas), "eps": opt.eps,
+        "grad_clip": training.gradient_clipping,
+        "precision": training.precision,
+        "zero_stage": training.zero_stage,
+        "tensor_parallel": spec.parallelism.tensor,
+        "pipeline_parallel": spec.parallelism.pipeline,
+        "activation_checkpointing": training.activation_checkpointing,
+        "seed": training.seed,
+        "train_data": data_dir,
+        "validation_fraction": spec.data.validation_fraction,
+        "checkpoint_dir": env.get(contract.ENV_CHECKPOINT_DIR) or os.path.join("checkpoints", resolved.name),
+        "checkpoint_interval": spec.checkpoint.interval,
+        "keep_last": spec.checkpoint.keep_last,
+        "init_from": in_data_volume(spec.model.init_from),
+        "tokenizer_file": in_data_volume(spec.tokenizer.path),
+        "eval_interval": training.eval_interval,
+        "eval_iters": training.eval_iters,
+        "log_interval": training.log_interval,
+        "deepspeed": spec.deepspeed or {},
+    }

@@ -351,3 +351,10 @@ class NeoXTrainingStatus(CRDModel):
 KIND = "NeoXTraining"
 PLURAL = "neoxtrainings"
 SHORT_NAMES = ["nxt"]
+
+
+def resolve_train_config(document: dict[str, Any]) -> dict[str, Any]:
+    """`TrainConfig` fields for a NeoXTraining manifest, its spec, or a resolved document."""
+    from .resolved import load_document, train_config_fields  # resolved imports this module
+
+    return train_config_fields(load_document(document))
