@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import nodes
+from . import nodes, provisioner
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
@@ -160,13 +160,10 @@ class PodRunner:
         return mounts
 
     def _claim_path(self, namespace: str, claim: str) -> Path:
-        """The hostPath of the volume bound to the claim (see provisioner.py)."""
-        pvc = json.loads(self.kubectl("get", "pvc", claim, "-n", namespace, "-o", "json").stdout)
-        volume = pvc["spec"].get("volumeName")
-        if not volume:
+        path = provisioner.bound_path(self.kubectl, namespace, claim)
+        if path is None:
             raise RuntimeError(f"claim {namespace}/{claim} is not bound yet")
-        pv = json.loads(self.kubectl("get", "pv", volume, "-o", "json").stdout)
-        return Path(pv["spec"]["hostPath"]["path"])
+        return path
 
     def _write_keys(self, namespace: str, volume: dict[str, Any], target: Path) -> None:
         kind, source = ("configmap", volume["configMap"]) if "configMap" in volume else ("secret", volume["secret"])

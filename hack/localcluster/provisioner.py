@@ -35,6 +35,18 @@ def claim_dir(root: Path, namespace: str, claim: str) -> Path:
     return root / namespace / claim
 
 
+def bound_path(kubectl, namespace: str, claim: str) -> Path | None:
+    """Directory of the volume bound to a claim, or None while it is unbound.
+
+    `kubectl` is a LocalCluster.kubectl-style callable.
+    """
+    pvc = json.loads(kubectl("get", "pvc", claim, "-n", namespace, "-o", "json").stdout)
+    volume = pvc["spec"].get("volumeName")
+    if not volume:
+        return None
+    return Path(json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)["spec"]["hostPath"]["path"])
+
+
 def _kubectl(kubectl: str, kubeconfig: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([kubectl, "--kubeconfig", kubeconfig, *args], text=True,
                           capture_output=True, input=input)
