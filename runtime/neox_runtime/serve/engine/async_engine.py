@@ -1,0 +1,141 @@
+"""Drive the synchronous engine from a background thread for an asyncio server.
+
+The thread owns the engine: requests and aborts reach it through a queue, and each
+step's deltas come back to the event loop in one `call_soon_threadsafe`. Torch releases
+the GIL inside its kernels, so the HTTP loop keeps serving while a step computes.
+The thread also keeps what `/health` needs: whether work is pending and when the last
+token came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from neox_runtime.serve.engine.core import LLMEngine
+from neox_runtime.serve.engine.sequence import SamplingParams, SequenceDelta
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+        self.last_progress = time.monotonic()
+        self.pending = False
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="neox-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def stalled_for(self) -> float:
+        """Seconds without a new token while work is pending (0 when idle)."""
+        return time.monotonic() - self.last_progress if self.pending else 0.0
+
+    async def generate(self, request_id: str, prompt_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[SequenceDelta]:
+        """Yield deltas until all `params.n` sequences finish; aborts the request if cancelled."""
+        if self.error is not None:
+            raise EngineDeadError(str(self.error))
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        remaining = params.n
+        try:
+            while remaining:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(str(item))
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if remaining:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def _run(self) -> None:
+        eng = self.engine
+        failures = 0
+        while not self._stop:
+            self._take_commands()
+            if not eng.has_work():
+                self.pending = False
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            if not self.pending:
+                self.pending, self.last_progress = True, time.monotonic()
+            try:
+                deltas = eng.step()
+                failures = 0
+            except Exception as exc:  # fail the requests in flight; after repeated failures the engine is dead
+                log.exception("Engine step failed")
+                failures += 1
+                for rid in eng.request_ids():
+                    eng.abort(rid)
+                self._loop.call_soon_threadsafe(self._fail_all, exc)
+                if failures >= 3:
+                    self.error = exc
+                    return
+                continue
+            if eng.last_progress > self.last_progress:
+                self.last_progress = eng.last_progress
+            if deltas:
+                self._loop.call_soon_threadsafe(self._dispatch, deltas)
+
+    def _take_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                try:
+                    self.engine.add_request(*cmd[1:])
+                except ValueError as exc:
+                    self._loop.call_soon_threadsafe(self._fail, cmd[1], exc)
+            else:
+                self.engine.abort(cmd[1])
+
+    def _dispatch(self, deltas: list[SequenceDelta]) -> None:
+        for d in deltas:
+            stream = self._streams.get(d.request_id)
+            if stream is not None:
+                stream.put_nowait(d)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put_nowait(exc)
+
+    def _fail(self, request_id: str, exc: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(exc)
