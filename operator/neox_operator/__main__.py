@@ -1,0 +1,7 @@
+"""`python -m neox_operator` is `neox-operator`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
