@@ -66,68 +66,92 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prepare_corpus(cluster: LocalCluster, claim: str) -> Path:
-    """Fill a claim with a tokenizer and token shards made from Python's stdlib sources."""
-    cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
-        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
-    root = claim_path(cluster, claim)
-    if (root / "shards" / "manifest.json").exists():
-        log(f"Corpus already prepared in {root}")
+class Demo:
+    """The steps of the demo in one namespace; the e2e test drives the same steps."""
+
+    def __init__(self, cluster: LocalCluster, namespace: str = NAMESPACE) -> None:
+        self.cluster, self.namespace = cluster, namespace
+
+    def kubectl(self, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return self.cluster.kubectl(*args, **kwargs)
+
+    def claim_path(self, claim: str) -> Path:
+        return _wait(lambda: bound_path(self.kubectl, self.namespace, claim), 60, f"claim {claim} to bind")
+
+    def prepare_corpus(self, claim: str = "tiny-corpus") -> Path:
+        """Fill a claim with a tokenizer and token shards made from Python's stdlib sources."""
+        self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
+        root = self.claim_path(claim)
+        if (root / "shards" / "manifest.json").exists():
+            log(f"Corpus already prepared in {root}")
+            return root
+        corpus = root / "raw"
+        corpus.mkdir(parents=True, exist_ok=True)
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        for name in CORPUS_FILES:
+            shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
+        log(f"Training a BPE tokenizer on {len(CORPUS_FILES)} files of Python's standard library")
+        _run(sys.executable, "-m", "neox_runtime.data.cli", "train-tokenizer", str(corpus),
+             "--vocab-size", "512", "--output", str(root / "tokenizer.json"))
+        log("Tokenizing into shards with Ray Data")
+        _run(sys.executable, "-m", "neox_runtime.data.cli", "tokenize", str(corpus),
+             "--tokenizer", str(root / "tokenizer.json"), "--output", str(root / "shards"), "--shards", "4",
+             "--no-progress")
+        shutil.copy(root / "tokenizer.json", root / "shards" / "tokenizer.json")
         return root
-    corpus = root / "raw"
-    corpus.mkdir(parents=True, exist_ok=True)
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("textwrap.py", "argparse.py", "difflib.py", "pathlib.py", "inspect.py", "json/__init__.py",
-                 "logging/__init__.py", "collections/__init__.py", "dataclasses.py", "typing.py"):
-        shutil.copy(stdlib / name, corpus / name.replace("/", "_"))
-    log(f"Training a BPE tokenizer on {len(list(corpus.iterdir()))} files of Python's standard library")
-    _run(sys.executable, "-m", "neox_runtime.data.cli", "train-tokenizer", str(corpus),
-         "--vocab-size", "512", "--output", str(root / "tokenizer.json"))
-    log("Tokenizing into shards with Ray Data")
-    _run(sys.executable, "-m", "neox_runtime.data.cli", "tokenize", str(corpus),
-         "--tokenizer", str(root / "tokenizer.json"), "--output", str(root / "shards"), "--shards", "4",
-         "--no-progress")
-    shutil.copy(root / "tokenizer.json", root / "shards" / "tokenizer.json")
-    return root
+
+    def start_operator(self) -> subprocess.Popen:
+        logs = self.cluster.state_dir / "logs" / f"operator-{self.namespace}.log"
+        log(f"Starting the operator (log: {logs})")
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
+        with open(logs, "ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "neox_operator", "--namespace", self.namespace,
+                                     "--metrics-port", "0", "--health-port", "0", "--resync-seconds", "5"],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def pod_runner(self) -> PodRunner:
+        return PodRunner(kubectl=self.kubectl, namespace=self.namespace, selector="neox.dev/training",
+                         state_dir=self.cluster.state_dir / f"pods-{self.namespace}", server=self.cluster.server(),
+                         path_prefix=[str(Path(sys.executable).parent)], log=log)
+
+    def train(self, manifest: dict, timeout: float = 1200) -> dict:
+        """Apply a NeoXTraining and follow it until it ends; return its status."""
+        name = manifest["metadata"]["name"]
+        self.kubectl("delete", "nxt", name, "-n", self.namespace, "--ignore-not-found", "--wait=true")
+        self.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest))
+        log(f"Applied NeoXTraining {name}; following `kubectl get nxt -n {self.namespace}`")
+        last_line = ""
+
+        def finished():
+            nonlocal last_line
+            table = self.kubectl("get", "nxt", name, "-n", self.namespace, check=False).stdout.strip()
+            line = table.splitlines()[-1] if table else ""
+            if line != last_line:
+                print("   " + line, flush=True)
+                last_line = line
+            status = json.loads(self.kubectl("get", "nxt", name, "-n", self.namespace, "-o", "json").stdout
+                                ).get("status", {})
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = _wait(finished, timeout, "the training to finish", interval=2)
+        if status["phase"] != "Succeeded":
+            raise RuntimeError(f"training ended {status['phase']}: {json.dumps(status.get('conditions'), indent=1)}")
+        return status
+
+    def convert(self, training: str, corpus_claim: str = "tiny-corpus") -> Path:
+        model_dir = self.cluster.state_dir / f"model-{self.namespace}-{training}"
+        shutil.rmtree(model_dir, ignore_errors=True)
+        _run(sys.executable, "-m", "neox_runtime.checkpoint.convert", "to-hf",
+             str(self.claim_path(f"{training}-checkpoints")), str(model_dir),
+             "--tokenizer", str(self.claim_path(corpus_claim) / "tokenizer.json"))
+        log(f"Converted the latest checkpoint to a Hugging Face directory: {model_dir}")
+        return model_dir
 
 
-def start_operator(cluster: LocalCluster) -> subprocess.Popen:
-    logs = cluster.state_dir / "logs" / "demo-operator.log"
-    log(f"Starting the operator (log: {logs})")
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig)}
-    with open(logs, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "neox_operator", "--namespace", NAMESPACE,
-                                 "--metrics-port", "0", "--health-port", "0", "--resync-seconds", "5"],
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def train(cluster: LocalCluster) -> dict:
-    manifest = yaml.safe_load(TRAINING.read_text())
-    name = manifest["metadata"]["name"]
-    cluster.kubectl("delete", "nxt", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
-    cluster.kubectl("apply", "-n", NAMESPACE, "-f", str(TRAINING))
-    log(f"Applied {TRAINING.relative_to(REPO_ROOT)}; following `kubectl get nxt -n {NAMESPACE}`")
-    last_line = ""
-
-    def finished():
-        nonlocal last_line
-        table = cluster.kubectl("get", "nxt", name, "-n", NAMESPACE, check=False).stdout.strip()
-        line = table.splitlines()[-1] if table else ""
-        if line != last_line:
-            print("   " + line, flush=True)
-            last_line = line
-        status = json.loads(cluster.kubectl("get", "nxt", name, "-n", NAMESPACE, "-o", "json").stdout).get("status", {})
-        return status if status.get("phase") in ("Succeeded", "Failed") else None
-
-    status = _wait(finished, 1200, "the training to finish", interval=2)
-    if status["phase"] != "Succeeded":
-        raise RuntimeError(f"training ended {status['phase']}: {json.dumps(status.get('conditions'), indent=1)}")
-    return status
-
-
-def claim_path(cluster: LocalCluster, claim: str) -> Path:
-    return _wait(lambda: bound_path(cluster.kubectl, NAMESPACE, claim), 60, f"claim {claim} to bind")
+CORPUS_FILES = ("textwrap.py", "argparse.py", "difflib.py", "pathlib.py", "inspect.py", "json/__init__.py",
+                "logging/__init__.py", "collections/__init__.py", "dataclasses.py", "typing.py")
 
 
 def serve_and_ask(model_dir: Path) -> str:
@@ -163,13 +187,12 @@ def main() -> int:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     cluster.kubectl("wait", "--for", "condition=Established", "crd/neoxtrainings.neox.dev", "--timeout", "60s")
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    prepare_corpus(cluster, "tiny-corpus")
-    operator = start_operator(cluster)
-    runner = PodRunner(kubectl=cluster.kubectl, namespace=NAMESPACE, selector="neox.dev/training",
-                       state_dir=cluster.state_dir / "demo-pods", server=cluster.server(),
-                       path_prefix=[str(Path(sys.executable).parent)], log=log).start()
+    demo = Demo(cluster)
+    demo.prepare_corpus()
+    operator = demo.start_operator()
+    runner = demo.pod_runner().start()
     try:
-        status = train(cluster)
+        status = demo.train(yaml.safe_load(TRAINING.read_text()))
     finally:
         runner.stop()
         operator.terminate()
@@ -178,18 +201,11 @@ def main() -> int:
     log(f"Training Succeeded: step {progress.get('stepDisplay')}, loss {progress.get('loss')}, "
         f"validation loss {progress.get('validationLoss')}, checkpoint step "
         f"{status.get('latestCheckpoint', {}).get('step')}")
-    checkpoints = claim_path(cluster, "tiny-cpu-checkpoints")
-    model_dir = cluster.state_dir / "demo-model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    _run(sys.executable, "-m", "neox_runtime.checkpoint.convert", "to-hf", str(checkpoints), str(model_dir),
-         "--tokenizer", str(claim_path(cluster, "tiny-corpus") / "tokenizer.json"))
-    log(f"Converted the latest checkpoint to a Hugging Face directory: {model_dir}")
-    text = serve_and_ask(model_dir)
+    text = serve_and_ask(demo.convert("tiny-cpu"))
     log(f"Completion for 'def main(': {text!r}")
     log(f"Done in {time.monotonic() - started:.0f}s. Explore: eval \"$(hack/cluster env)\"; "
         f"kubectl get nxt -n {NAMESPACE}; stop with hack/cluster down")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

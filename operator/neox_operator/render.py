@@ -145,11 +145,18 @@ def _env(owner: Owner, spec: NeoXTrainingSpec, attempt: int) -> list[dict[str, A
         {"name": contract.ENV_ATTEMPT, "value": str(attempt)},
         {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": contract.ENV_CHECKPOINT_DIR, "value": contract.CHECKPOINT_MOUNT},
+        {"name": contract.ENV_DATA_DIR, "value": data_dir(spec)},
         {"name": contract.ENV_PROGRESS, "value": "kubernetes"},
     ]
     if par.gpus_per_node == 0:
         env.append({"name": contract.ENV_DS_ACCELERATOR, "value": "cpu"})
     return env
+
+
+def data_dir(spec: NeoXTrainingSpec) -> str:
+    """The data directory inside the pod: on the data volume, or on the checkpoint volume without one."""
+    root = contract.DATA_MOUNT if spec.data.volume else contract.CHECKPOINT_MOUNT
+    return f"{root}/{spec.data.path.strip('/')}"
 
 
 def _resources(spec: NeoXTrainingSpec) -> dict[str, Any]:
