@@ -1,0 +1,1 @@
+"""Checkpoints: Hugging Face directories (`hf`), DeepSpeed -> HF conversion (`convert`)."""

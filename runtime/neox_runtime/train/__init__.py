@@ -1,0 +1,1 @@
+"""Training: config (`config`), the DeepSpeed loop (`loop`), progress reporting (`progress`), CLI (`cli`)."""
