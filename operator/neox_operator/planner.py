@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     spec = load_spec(args.file)
     memory = args.gpu_memory_gib or spec.resources.gpu_memory_gib
-    from neox_runtime.api.resolved import deepspeed_config, resolve_optimization
-    ds = deepspeed_config(spec, resolve_optimization(spec))
+    from neox_runtime.api.resolved import deepspeed_config
+    ds = deepspeed_config(spec)
     est = estimate(spec, int(memory * GIB) if memory else None, ds)
     print(table(spec, est))
     return 0 if est.fits is not False else 1

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from neox_runtime.api import names
-from neox_runtime.api.resolved import deepspeed_config, resolve_optimization
+from neox_runtime.api.resolved import deepspeed_config
 from neox_runtime.api.training import NeoXTrainingSpec
 
 from . import planner, render
@@ -124,7 +124,7 @@ def _feasible(b: _Builder, spec: NeoXTrainingSpec) -> bool:
         b.cond("Feasible", TRUE, "RunsOnCPU", "No GPUs requested")
         return True
     memory = planner.gpu_memory_bytes(spec, b.obs.node_labels)
-    est = planner.estimate(spec, memory, deepspeed_config(spec, resolve_optimization(spec)))
+    est = planner.estimate(spec, memory, deepspeed_config(spec))
     b.status["estimate"] = est.summary()
     if est.fits is None:
         b.cond("Feasible", UNKNOWN, "GPUMemoryUnknown",

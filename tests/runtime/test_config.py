@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neox_runtime.parallel.deepspeed_config import build_deepspeed_config, deep_merge, lr_at
+from neox_runtime.api.deepspeed import deep_merge
+from neox_runtime.parallel.deepspeed_config import build_deepspeed_config, lr_at
 from neox_runtime.train.config import TrainConfig, load_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -147,7 +147,7 @@ def _crd(module: Any, spec_model: type[CRDModel], status_model: type[CRDModel],
             "kind": {"type": "string", "description": f"Kind: {module.KIND}."},
             "metadata": {"type": "object"},
             "spec": {"description": f"Desired state of the {module.KIND}.", **model_schema(spec_model)},
-            "status": {"description": f"Observed state, written by the operator and the runtime.",
+            "status": {"description": "Observed state, written by the operator and the runtime.",
                        **model_schema(status_model)},
         },
         "x-kubernetes-validations": [{

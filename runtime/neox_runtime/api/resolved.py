@@ -9,12 +9,12 @@ built with the user's `deepspeed` overrides merged last.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from .architecture import PRESETS, ModelArchitecture, TrainingRecipe
+from .deepspeed import build_deepspeed_config
 from .training import NeoXTrainingSpec
 
 RESOLVED_KIND = "ResolvedTraining"
@@ -78,44 +78,14 @@ def resolve_optimization(spec: NeoXTrainingSpec) -> ResolvedOptimization:
                                 weight_decay=opt.weight_decay)
 
 
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`overrides` wins; nested dicts merge key by key."""
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def deepspeed_config(spec: NeoXTrainingSpec, optimization: ResolvedOptimization) -> dict[str, Any]:
-    """The DeepSpeed JSON. The LR schedule is driven by the runtime (warmup + decay to a
-    floor, which DeepSpeed's built-in schedulers cannot express), so none is set here."""
+def deepspeed_config(spec: NeoXTrainingSpec) -> dict[str, Any]:
     training = spec.training
-    config: dict[str, Any] = {
-        "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps
-        * spec.parallelism.data_parallel,
-        "train_micro_batch_size_per_gpu": training.micro_batch_size,
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
-        "gradient_clipping": training.gradient_clipping,
-        "zero_optimization": {"stage": training.zero_stage},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": optimization.lr, "betas": list(optimization.betas), "eps": optimization.eps,
-            "weight_decay": optimization.weight_decay}},
-        "bf16": {"enabled": training.precision == "bf16"},
-        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0,
-                 "initial_scale_power": 12, "loss_scale_window": 1000, "hysteresis": 2,
-                 "min_loss_scale": 1},
-        "activation_checkpointing": {"partition_activations": training.activation_checkpointing,
-                                     "contiguous_memory_optimization": False},
-        "steps_per_print": training.log_interval,
-        "wall_clock_breakdown": False,
-    }
-    if training.zero_stage >= 1:
-        config["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True,
-                                           reduce_bucket_size=500_000_000)
-    return deep_merge(config, spec.deepspeed or {})
+    return build_deepspeed_config(
+        micro_batch_size=training.micro_batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        data_parallel_size=spec.parallelism.data_parallel, gradient_clipping=training.gradient_clipping,
+        zero_stage=training.zero_stage, precision=training.precision,
+        activation_checkpointing=training.activation_checkpointing, overrides=spec.deepspeed)
 
 
 def resolve(spec: NeoXTrainingSpec, name: str = "local", namespace: str | None = None) -> ResolvedTraining:
@@ -124,7 +94,7 @@ def resolve(spec: NeoXTrainingSpec, name: str = "local", namespace: str | None =
         name=name, namespace=namespace, spec=spec, architecture=spec.architecture(),
         world_size=spec.parallelism.world_size, ranks_per_node=spec.parallelism.ranks_per_node,
         data_parallel=spec.parallelism.data_parallel, optimization=optimization,
-        deepspeed=deepspeed_config(spec, optimization),
+        deepspeed=deepspeed_config(spec),
     )
 
 
@@ -167,7 +137,7 @@ def train_config_fields(resolved: ResolvedTraining, env: dict[str, str] | None =
         "micro_batch_size": training.micro_batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "train_steps": training.steps,
-        "lr": opt.lr, "min_lr": opt.min_lr, "warmup_steps": opt.warmup_steps,
+        "lr": opt.lr, "min_lr": opt.min_lr, "warmup_steps": opt.warmup_steps, "lr_decay": opt.decay,
         "weight_decay": opt.weight_decay, "betas": list(opt.betas), "eps": opt.eps,
         "grad_clip": training.gradient_clipping,
         "precision": training.precision,

@@ -13,7 +13,7 @@ from pydantic import Field, create_model
 
 from .architecture import PRESET_NAMES, PRESETS, HiddenAct, ModelArchitecture
 from .common import (
-    CONDITIONS_FIELD_EXTRA, DEFAULT_RUNTIME_IMAGE, QUANTITY_PATTERN, Condition, FreeForm,
+    CONDITIONS_FIELD_EXTRA, DEFAULT_RUNTIME_IMAGE, QUANTITY_PATTERN, Condition,
     Resources, Scheduling, not_both,
 )
 from .schema import CRDModel, Rule
