@@ -113,6 +113,7 @@ class PodRunner:
                 self._begin_termination(local)
             exit_code = local.process.poll()
             if exit_code is not None:
+                exit_code = 128 - exit_code if exit_code < 0 else exit_code  # killed by signal N: 128 + N
                 self._pods.pop(uid)
                 if uid in seen and local.terminating_since is None:
                     self.log(f"Pod {local.name} exited with code {exit_code}")
@@ -226,6 +227,14 @@ class PodRunner:
         path = workdir / "serviceaccount.kubeconfig"
         path.write_text(json.dumps(config))
         return path
+
+    def kill(self, pod_name: str, signum: int = signal.SIGKILL) -> bool:
+        """Crash a pod's local process (a chaos hook for tests); False if it is not running here."""
+        for pod in self._pods.values():
+            if pod.name == pod_name and pod.process.poll() is None:
+                os.killpg(pod.process.pid, signum)
+                return True
+        return False
 
     # ------------------------------------------------------------------ termination
     def _begin_termination(self, pod: LocalPod) -> None:

@@ -127,6 +127,7 @@ class Trainer:
         self.sampler.load_state_dict(client["sampler"])
         _set_rng_state(client["rng"])
         self.latest_step, self.latest_time = client["step"], time.time()
+        log.info("Resumed from checkpoint tag=%s step=%d", tag, client["step"])
         return client["step"]
 
     def _load_resized_zero_optimizer(self, tag: str) -> None:

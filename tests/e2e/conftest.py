@@ -1,0 +1,1 @@
+from tests.cluster.conftest import cluster, kube, namespace  # noqa: F401 - shared fixtures
