@@ -85,3 +85,16 @@ def test_deepspeed_json_has_consistent_batch_and_overrides_merged_last():
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 123
     assert ds["gradient_clipping"] == 0.5
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"b": 3}}) == {"a": {"b": 3, "c": 2}}
+
+
+def test_resume_tag_follows_resume_from(tmp_path):
+    from neox_runtime.train import checkpoints
+
+    (tmp_path / checkpoints.tag_for(20)).mkdir()
+    (tmp_path / checkpoints.tag_for(40)).mkdir()
+    checkpoints.write_latest(tmp_path, checkpoints.tag_for(40))
+    assert checkpoints.resume_tag(tmp_path, "latest") == "global_step40"
+    assert checkpoints.resume_tag(tmp_path, "step-20") == "global_step20"
+    assert checkpoints.resume_tag(tmp_path, "none") is None
+    with pytest.raises(ValueError, match="resume_from: no checkpoint global_step30"):
+        checkpoints.resume_tag(tmp_path, "step-30")

@@ -83,3 +83,14 @@ def test_api_package_does_not_import_torch():
     code = ("import sys, neox_runtime.api.resolved, neox_runtime.api.crdgen, neox_runtime.api.manifests; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_resume_from_applies_to_the_first_attempt_only():
+    from neox_runtime.api.resolved import load_document, train_config_fields
+    from tests.corpus import custom_resources
+
+    document = custom_resources(REPO_ROOT / "examples" / "training-tiny-cpu.yaml")[0]
+    document["spec"]["checkpoint"]["resumeFrom"] = "step-50"
+    resolved = load_document(document)
+    assert train_config_fields(resolved, {"NEOX_ATTEMPT": "0"})["resume_from"] == "step-50"
+    assert train_config_fields(resolved, {"NEOX_ATTEMPT": "2"})["resume_from"] == "latest"

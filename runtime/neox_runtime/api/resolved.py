@@ -151,6 +151,8 @@ def train_config_fields(resolved: ResolvedTraining, env: dict[str, str] | None =
         "checkpoint_dir": env.get(contract.ENV_CHECKPOINT_DIR) or os.path.join("checkpoints", resolved.name),
         "checkpoint_interval": spec.checkpoint.interval,
         "keep_last": spec.checkpoint.keep_last,
+        # resumeFrom picks the start of the first attempt; a restart always continues from latest.
+        "resume_from": spec.checkpoint.resume_from if int(env.get(contract.ENV_ATTEMPT, "0")) == 0 else "latest",
         "init_from": in_data_volume(spec.model.init_from),
         "tokenizer_file": in_data_volume(spec.tokenizer.path),
         "eval_interval": training.eval_interval,

@@ -37,6 +37,18 @@ def read_latest(directory: str | Path) -> str | None:
     return tag if (Path(directory) / tag).is_dir() else None
 
 
+def resume_tag(directory: str | Path, resume_from: str) -> str | None:
+    """The checkpoint to resume from: `latest`, `none` (start fresh) or `step-N`."""
+    if resume_from == "none":
+        return None
+    if resume_from == "latest":
+        return read_latest(directory)
+    tag = tag_for(int(resume_from.removeprefix("step-")))
+    if not (Path(directory) / tag).is_dir():
+        raise ValueError(f"resume_from: no checkpoint {tag} in {directory}")
+    return tag
+
+
 def write_latest(directory: str | Path, tag: str) -> None:
     directory = Path(directory)
     tmp = directory / f".{LATEST}.{os.getpid()}.tmp"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,6 +53,7 @@ class TrainConfig:
     checkpoint_interval: int = 100
     keep_last: int = 2
     init_from: str | None = None
+    resume_from: str = "latest"  # `latest`, `none` or `step-N`
     tokenizer_file: str | None = None
     # evaluation and progress
     eval_interval: int = 50
@@ -84,6 +86,8 @@ class TrainConfig:
         _require(0 <= self.validation_fraction < 1, "validation_fraction", "in [0, 1)")
         _require(bool(self.train_data), "train_data", "a directory of token shards (made by neox-data)")
         _require(bool(self.checkpoint_dir), "checkpoint_dir", "a directory")
+        _require(re.fullmatch(r"latest|none|step-[0-9]+", self.resume_from) is not None, "resume_from",
+                 "latest, none or step-N")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "> 0")
         _require(isinstance(self.deepspeed, dict), "deepspeed", "a mapping of DeepSpeed config overrides")
         arch = self.architecture

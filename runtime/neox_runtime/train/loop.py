@@ -109,7 +109,7 @@ class Trainer:
         return self.save_seconds
 
     def resume(self) -> int:
-        tag = checkpoints.read_latest(self.cfg.checkpoint_dir)
+        tag = checkpoints.resume_tag(self.cfg.checkpoint_dir, self.cfg.resume_from)
         if tag is None:
             return 0
         saved_dp = self._saved_dp_size(tag)
