@@ -28,7 +28,7 @@ COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedul
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing on this machine routes to it
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -45,7 +45,7 @@ class Ports:
 
     @classmethod
     def allocate(cls) -> "Ports":
-        return cls(*(_free_port() for _ in range(6)))
+        return cls(*(free_port() for _ in range(6)))
 
 
 @dataclass

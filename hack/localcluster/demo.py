@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .cluster import LocalCluster
+from .cluster import LocalCluster, free_port
 from .podrunner import PodRunner
 from .provisioner import bound_path
 
@@ -59,11 +58,6 @@ def _wait(predicate, timeout: float, what: str, interval: float = 1.0):
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Demo:
@@ -155,7 +149,7 @@ CORPUS_FILES = ("textwrap.py", "argparse.py", "difflib.py", "pathlib.py", "inspe
 
 
 def serve_and_ask(model_dir: Path) -> str:
-    port = _free_port()
+    port = free_port()
     log(f"Serving {model_dir} on http://127.0.0.1:{port}/v1")
     server = subprocess.Popen([sys.executable, "-m", "neox_runtime.serve.cli", "--model", str(model_dir),
                                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-cpu"],

@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -35,14 +34,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import nodes, provisioner
+from .cluster import free_port
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -194,7 +189,7 @@ class PodRunner:
         job = pod["metadata"].get("labels", {}).get("job-name") or pod["metadata"]["name"]
         if "MASTER_ADDR" in env:
             env["MASTER_ADDR"] = "127.0.0.1"
-            env["MASTER_PORT"] = str(self._job_ports.setdefault(job, _free_port()))
+            env["MASTER_PORT"] = str(self._job_ports.setdefault(job, free_port()))
         env["KUBECONFIG"] = str(self._service_account_kubeconfig(pod, workdir))
         env["HOSTNAME"] = pod["spec"].get("hostname", pod["metadata"]["name"])
         return env

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,13 @@ class Rendezvous:
             contract.ENV_MASTER_ADDR: self.master_addr,
             contract.ENV_MASTER_PORT: str(self.master_port),
         }
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for single-machine rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def needs_local_launch(env: dict[str, str] | None = None) -> bool:

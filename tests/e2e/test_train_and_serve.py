@@ -11,22 +11,17 @@ from __future__ import annotations
 
 import copy
 import signal
-import socket
 import subprocess
 import sys
 
 import openai
 import yaml
 
+from localcluster.cluster import free_port
 from localcluster.demo import TRAINING, Demo
 
 from tests.cluster.kube import Kube, wait_for
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _manifest() -> dict:
@@ -72,7 +67,7 @@ def test_training_survives_a_crash_and_its_model_is_served(kube: Kube, namespace
     assert crashed.startswith("e2e-a0-")
     # The claim outlives the pods; convert its latest checkpoint and serve it.
     model_dir = demo.convert("e2e")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "neox_runtime.serve.cli", "--model", str(model_dir),
                                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "e2e"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

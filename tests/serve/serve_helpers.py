@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,12 +12,8 @@ from neox_runtime.serve.api.app import ServerState, build_state, create_app
 from neox_runtime.serve.config import EngineConfig, SafetyConfig, ServeConfig
 from neox_runtime.serve.engine.core import LLMEngine
 from neox_runtime.serve.engine.sequence import SamplingParams
+from neox_runtime.launch import free_port  # noqa: F401 - re-exported to the tests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RunningServer:

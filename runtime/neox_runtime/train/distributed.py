@@ -8,10 +8,11 @@ present and DS_ACCELERATOR is not `cpu`.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
+
+from neox_runtime.launch import free_port
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,6 @@ class DistEnv:
     backend: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def use_cuda() -> bool:
     return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
@@ -36,7 +32,7 @@ def use_cuda() -> bool:
 def init_distributed() -> DistEnv:
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     cuda = use_cuda()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from datetime import timedelta
 
 import torch
@@ -19,16 +18,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from neox_runtime.serve.config import EngineConfig
+from neox_runtime.launch import free_port
 from neox_runtime.serve.engine.runner import ModelRunner, StepPlan
 from neox_runtime.serve.loader import LoadedModel, load
 
 log = logging.getLogger(__name__)
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, world: int, port: int, device: str) -> str:
@@ -63,7 +58,7 @@ def _worker(rank: int, cfg: EngineConfig, port: int, num_slots: int, max_len: in
 
 class TensorParallelExecutor:
     def __init__(self, cfg: EngineConfig, loaded: LoadedModel, *, num_slots: int, max_len: int):
-        port = _free_port()
+        port = free_port()
         ctx = mp.get_context("spawn")
         self.procs = [ctx.Process(target=_worker, args=(r, cfg, port, num_slots, max_len), daemon=True)
                       for r in range(1, cfg.tensor_parallel)]
