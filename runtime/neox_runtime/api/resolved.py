@@ -145,6 +145,7 @@ def train_config_fields(resolved: ResolvedTraining, env: dict[str, str] | None =
         "tensor_parallel": spec.parallelism.tensor,
         "pipeline_parallel": spec.parallelism.pipeline,
         "activation_checkpointing": training.activation_checkpointing,
+        "compile": training.compile,
         "seed": training.seed,
         "train_data": data_dir,
         "validation_fraction": spec.data.validation_fraction,

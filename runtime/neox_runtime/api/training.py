@@ -231,6 +231,7 @@ class TrainingSpec(CRDModel):
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     gradient_clipping: float = Field(1.0, ge=0, description="Clip the global gradient norm; 0 disables.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(False, description="Run the model and loss under torch.compile (faster steps after a one-off compile).")
     seed: int = Field(1234, ge=0, description="Seed of initialisation and data order.")
     eval_interval: int = Field(1000, ge=1, description="Steps between validation-loss evaluations.")
     eval_iters: int = Field(10, ge=1, description="Batches per validation-loss evaluation.")
