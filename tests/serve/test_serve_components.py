@@ -59,3 +59,25 @@ def test_request_larger_than_the_token_quota_is_refused_with_retry_after():
 
 def test_watermark_detector_ignores_repeated_bigrams():
     assert detect_ids([5, 6] * 50, "k").num_tokens == 2
+
+
+def test_prepacked_linear_matches_f_linear_for_every_batch_size():
+    import pytest
+    import torch
+    import torch.nn.functional as F
+
+    from neox_runtime.serve.engine.runner import Linear
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        w, b = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
+        packed, plain = Linear(w, b, pack=True), Linear(w, b, pack=False)
+        assert plain.packed is None
+        for rows in (0, 1, 7, 32, 200):
+            x = torch.randn(rows, 64, dtype=dtype)
+            ref = F.linear(x, w, b).float()
+            assert packed(x).shape == (rows, 96)
+            assert torch.allclose(packed(x).float(), ref, rtol=tol, atol=tol)
+            assert torch.equal(plain(x).float(), ref)
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN: the packed path is the fallback")

@@ -26,6 +26,40 @@ from neox_runtime.serve.engine.kv_cache import KVCache
 _GELU_APPROX = {"gelu": "none", "gelu_fast": "tanh", "gelu_new": "tanh"}
 
 
+class Linear:
+    """y = x W^T + b, with W prepacked once into oneDNN's blocked layout on CPU.
+
+    Decode steps multiply a few dozen rows by every weight, so the GEMM's own reordering
+    of W dominates; prepacking (what torch.compile's CPU backend does with frozen weights)
+    makes the 70M shape's decode matmuls 25-50% faster in float32 and bfloat16. Falls back
+    to `F.linear` where oneDNN is missing or the packed product disagrees with it, and in
+    float32 for one or two rows, where MKL's matrix-vector path is faster than the packed GEMM.
+    """
+
+    __slots__ = ("w", "b", "packed", "min_rows")
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, pack: bool):
+        self.w, self.b, self.packed = w, b, None
+        self.min_rows = 3 if w.dtype == torch.float32 else 1
+        if pack and w.device.type == "cpu" and w.dtype in (torch.float32, torch.bfloat16) \
+                and torch.backends.mkldnn.is_available():
+            try:
+                with torch.no_grad():
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), 32)
+                    x = torch.randn(8, w.shape[1], dtype=w.dtype)
+                    got = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                    tol = 1e-2 if w.dtype == torch.bfloat16 else 1e-4
+                    if torch.allclose(got.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol):
+                        self.packed = packed
+            except (RuntimeError, AttributeError):
+                self.packed = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.shape[0] >= self.min_rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.b, "none", [], "")
+        return F.linear(x, self.w, self.b)
+
+
 @dataclass
 class PrefillChunk:
     row: int  # first row of the chunk in the step
@@ -84,7 +118,7 @@ def shard_layer(block: torch.nn.Module, arch: ModelArchitecture, rank: int, worl
 
 class ModelRunner:
     def __init__(self, model: GPTNeoXForCausalLM, arch: ModelArchitecture, *, num_slots: int,
-                 max_len: int, rank: int = 0, world: int = 1):
+                 max_len: int, rank: int = 0, world: int = 1, prepack: bool = True):
         self.arch, self.rank, self.world = arch, rank, world
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
@@ -92,6 +126,8 @@ class ModelRunner:
         self.ln_f = (model.gpt_neox.final_layer_norm.weight, model.gpt_neox.final_layer_norm.bias)
         self.unembed = model.embed_out.weight
         self.layers = [shard_layer(b, arch, rank, world) for b in model.gpt_neox.layers]
+        self.linears = [tuple(Linear(*wb, prepack) for wb in (w.qkv, w.dense, w.fc1, w.fc2)) for w in self.layers]
+        self.lm_head = Linear(self.unembed, None, prepack)
         self.num_heads = arch.num_attention_heads // world
         self.head_dim, self.rotary_ndims = arch.head_dim, arch.rotary_ndims
         self.gelu = _GELU_APPROX[arch.hidden_act]
@@ -112,20 +148,21 @@ class ModelRunner:
         eps, C = self.arch.layer_norm_eps, self.arch.hidden_size
         for i, w in enumerate(self.layers):
             h = F.layer_norm(x, (C,), *w.ln1, eps)
-            attn = F.linear(self._attention(i, w, h, plan, cos, sin, pos, slots, decode), *w.dense)
+            lin = self.linears[i]
+            attn = lin[1](self._attention(i, lin[0], h, plan, cos, sin, pos, slots, decode))
             if self.arch.use_parallel_residual:
-                out = attn + self._mlp(w, F.layer_norm(x, (C,), *w.ln2, eps))
+                out = attn + self._mlp(lin, F.layer_norm(x, (C,), *w.ln2, eps))
                 x = x + self._reduce(out)
             else:
                 x = x + self._reduce(attn)
-                x = x + self._reduce(self._mlp(w, F.layer_norm(x, (C,), *w.ln2, eps)))
+                x = x + self._reduce(self._mlp(lin, F.layer_norm(x, (C,), *w.ln2, eps)))
         if self.rank != 0:
             return None
         h = F.layer_norm(x[plan.sample_rows.to(self.device)], (C,), *self.ln_f, eps)
-        return F.linear(h, self.unembed).float()  # (M, V)
+        return self.lm_head(h).float()  # (M, V)
 
-    def _mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.gelu(F.linear(h, *w.fc1), approximate=self.gelu), *w.fc2)
+    def _mlp(self, lin: tuple[Linear, ...], h: torch.Tensor) -> torch.Tensor:
+        return lin[3](F.gelu(lin[2](h), approximate=self.gelu))
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -148,9 +185,9 @@ class ModelRunner:
         packed = hi - lo == nd and bool((dslots == torch.arange(lo, hi, device=self.device)).all())
         return lo, hi, lmax, dslots - lo, bias[:, None, None, :], packed  # bias (S, 1, 1, L)
 
-    def _attention(self, i, w, h, plan, cos, sin, pos, slots, decode) -> torch.Tensor:
+    def _attention(self, i, qkv_proj, h, plan, cos, sin, pos, slots, decode) -> torch.Tensor:
         N, H, D = h.shape[0], self.num_heads, self.head_dim
-        qkv = F.linear(h, *w.qkv).view(N, H, 3 * D)
+        qkv = qkv_proj(h).view(N, H, 3 * D)
         q, k, v = qkv.split(D, dim=-1)  # (N, H, D)
         q, k = apply_rotary(q[:, :, None], k[:, :, None], cos, sin, self.rotary_ndims)  # (N, H, 1, D)
         kc, vc = self.cache.k[i], self.cache.v[i]  # (S, H, L, D)
