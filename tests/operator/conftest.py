@@ -7,14 +7,7 @@ import pytest
 
 from tests.cluster.conftest import cluster, kube, namespace  # noqa: F401
 
-from .helpers import OperatorProcess, Volumes
-
-
-@pytest.fixture
-def volumes(kube):
-    provided = Volumes(kube)
-    yield provided
-    provided.cleanup()
+from .helpers import OperatorProcess
 
 
 @pytest.fixture

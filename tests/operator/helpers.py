@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from neox_runtime.api import names
+from neox_runtime.launch import free_port
 
 from tests.cluster.kube import Kube, wait_for
 
@@ -35,38 +35,6 @@ def training(name: str, nodes: int = 2, gpus: int = 1, **spec: Any) -> dict[str,
         else:
             body[key] = copy.deepcopy(value)
     return {"apiVersion": "neox.dev/v1alpha1", "kind": "NeoXTraining", "metadata": {"name": name}, "spec": body}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Volumes:
-    """hostPath PVs pre-bound to claims (the local cluster has no provisioner)."""
-
-    def __init__(self, kube: Kube):
-        self.kube, self.names = kube, []
-
-    def provide(self, namespace: str, claim: str, size: str = "100Gi") -> None:
-        name = f"pv-{namespace}-{claim}"[:63]
-        self.names.append(name)
-        self.kube.apply({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name}, "spec": {
-            "storageClassName": self.default_class(),
-            "capacity": {"storage": size}, "accessModes": ["ReadWriteOnce", "ReadWriteMany"],
-            "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{name}"},
-            "claimRef": {"namespace": namespace, "name": claim}}}, namespace)
-
-    def default_class(self) -> str:
-        """The class the DefaultStorageClass admission gives claims ("" when there is none)."""
-        classes = json.loads(self.kube.kubectl("get", "storageclass", "-o", "json").stdout)["items"]
-        return next((c["metadata"]["name"] for c in classes if (c["metadata"].get("annotations") or {}).get(
-            "storageclass.kubernetes.io/is-default-class") == "true"), "")
-
-    def cleanup(self) -> None:
-        if self.names:
-            self.kube.kubectl("delete", "pv", "--wait=false", *self.names, check=False)
 
 
 class OperatorProcess:
@@ -157,6 +125,5 @@ def pod_index(pod: dict[str, Any]) -> int:
 
 
 def events(kube: Kube, namespace: str) -> list[dict[str, Any]]:
-    import json
     out = kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
     return [e for e in json.loads(out)["items"] if e["involvedObject"]["kind"] == "NeoXTraining"]

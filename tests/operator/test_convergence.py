@@ -18,9 +18,8 @@ pytestmark = pytest.mark.cluster
 CHILD_KINDS = "service,configmap,pvc,serviceaccount,role,rolebinding,job,pod"
 
 
-def test_reconcile_with_nothing_to_change_makes_zero_writes(kube, namespace, operator, volumes):
+def test_reconcile_with_nothing_to_change_makes_zero_writes(kube, namespace, operator):
     name = "steady"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name), namespace)
     wait_for(lambda: running_pods(kube, namespace, name, 0, 2), 60)
     wait_for(lambda: condition_is(kube, namespace, name, "Running"), 30)

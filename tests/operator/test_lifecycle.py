@@ -21,9 +21,8 @@ def _exists(kube, kind: str, name: str, namespace: str) -> bool:
     return kube.kubectl("get", kind, name, "-n", namespace, check=False).returncode == 0
 
 
-def test_failure_restarts_whole_group_then_succeeds_and_ttl_keeps_claim(kube, namespace, operator, volumes):
+def test_failure_restarts_whole_group_then_succeeds_and_ttl_keeps_claim(kube, namespace, operator):
     name = "life"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name, ttlSecondsAfterFinished=2), namespace)
     pods = wait_for(lambda: running_pods(kube, namespace, name, 0, 2), 60, what="attempt 0 running")
     wait_for(lambda: condition_is(kube, namespace, name, "Running"), 30, what="Running=True")
@@ -64,9 +63,8 @@ def test_failure_restarts_whole_group_then_succeeds_and_ttl_keeps_claim(kube, na
     assert status(kube, namespace, name)["phase"] == "Succeeded"
 
 
-def test_max_restarts_reached_fails_naming_index_pod_and_exit_code(kube, namespace, operator, volumes):
+def test_max_restarts_reached_fails_naming_index_pod_and_exit_code(kube, namespace, operator):
     name = "doomed"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name, failurePolicy={"maxRestarts": 1}), namespace)
     pods = wait_for(lambda: running_pods(kube, namespace, name, 0, 2), 60)
     kube.finish_pod(next(p for p in pods if pod_index(p) == 1)["metadata"]["name"], namespace, 3)
@@ -92,9 +90,8 @@ def slow_resync_operator(kube, namespace):
     process.stop()
 
 
-def test_node_loss_restarts_group_elsewhere(kube, namespace, slow_resync_operator, volumes):
+def test_node_loss_restarts_group_elsewhere(kube, namespace, slow_resync_operator):
     name = "nodeloss"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name, failurePolicy={"maxRestarts": 5}), namespace)
     pods = wait_for(lambda: running_pods(kube, namespace, name, 0, 2), 60)
     lost = next(p for p in pods if pod_index(p) == 0)["spec"]["nodeName"]
@@ -117,9 +114,8 @@ def test_node_loss_restarts_group_elsewhere(kube, namespace, slow_resync_operato
         kube.restore_node(lost)
 
 
-def test_suspend_stops_pods_and_resume_continues_same_attempt(kube, namespace, operator, volumes):
+def test_suspend_stops_pods_and_resume_continues_same_attempt(kube, namespace, operator):
     name = "pausable"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name), namespace)
     wait_for(lambda: running_pods(kube, namespace, name, 0, 2), 60)
     kube.kubectl("patch", "neoxtraining", name, "-n", namespace, "--type", "merge", "-p",
@@ -155,9 +151,8 @@ def test_infeasible_20b_on_one_node_is_refused_without_pods(kube, namespace, ope
     assert any(e["reason"] == "Infeasible" for e in events(kube, namespace))
 
 
-def test_no_progress_for_progress_timeout_restarts_as_hang(kube, namespace, operator, volumes):
+def test_no_progress_for_progress_timeout_restarts_as_hang(kube, namespace, operator):
     name = "hung"
-    volumes.provide(namespace, names.training_checkpoints(name))
     kube.apply(training(name, nodes=1, failurePolicy={"progressTimeoutSeconds": 30}), namespace)
     wait_for(lambda: running_pods(kube, namespace, name, 0, 1), 60)
     restarting = wait_for(lambda: next((e for e in events(kube, namespace) if e["reason"] == "Restarting"), None),
