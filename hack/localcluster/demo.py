@@ -17,6 +17,7 @@ The cluster stays up afterwards (`hack/cluster down` stops it).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -148,11 +149,13 @@ CORPUS_FILES = ("textwrap.py", "argparse.py", "difflib.py", "pathlib.py", "inspe
                 "logging/__init__.py", "collections/__init__.py", "dataclasses.py", "typing.py")
 
 
-def serve_and_ask(model_dir: Path) -> str:
+@contextlib.contextmanager
+def serving(model_dir: Path, served_name: str):
+    """Run `neox-serve` on a free loopback port until the block ends; yield the API's base URL."""
     port = free_port()
     log(f"Serving {model_dir} on http://127.0.0.1:{port}/v1")
     server = subprocess.Popen([sys.executable, "-m", "neox_runtime.serve.cli", "--model", str(model_dir),
-                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-cpu"],
+                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         def ready():
@@ -163,15 +166,19 @@ def serve_and_ask(model_dir: Path) -> str:
                 return False
 
         _wait(ready, 120, "the server to be ready")
-        body = json.dumps({"model": "tiny-cpu", "prompt": "def main(", "max_tokens": 32, "temperature": 0}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-        return answer["choices"][0]["text"]
+        yield f"http://127.0.0.1:{port}/v1"
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def serve_and_ask(model_dir: Path) -> str:
+    with serving(model_dir, "tiny-cpu") as base_url:
+        body = json.dumps({"model": "tiny-cpu", "prompt": "def main(", "max_tokens": 32, "temperature": 0}).encode()
+        request = urllib.request.Request(f"{base_url}/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())["choices"][0]["text"]
 
 
 def main() -> int:

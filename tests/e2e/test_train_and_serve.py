@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 import signal
-import subprocess
-import sys
 
 import openai
 import yaml
 
-from localcluster.cluster import free_port
-from localcluster.demo import TRAINING, Demo
+from localcluster.demo import TRAINING, Demo, serving
 
 from tests.cluster.kube import Kube, wait_for
 
@@ -66,17 +63,9 @@ def test_training_survives_a_crash_and_its_model_is_served(kube: Kube, namespace
     assert resumed and min(resumed) >= 40, logs[-2000:]
     assert crashed.startswith("e2e-a0-")
     # The claim outlives the pods; convert its latest checkpoint and serve it.
-    model_dir = demo.convert("e2e")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "neox_runtime.serve.cli", "--model", str(model_dir),
-                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "e2e"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        wait_for(lambda: client.models.list().data[0].id == "e2e", timeout=120, what="the server")
+    with serving(demo.convert("e2e"), "e2e") as base_url:
+        client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+        assert [model.id for model in client.models.list().data] == ["e2e"]
         completion = client.completions.create(model="e2e", prompt="def main(", max_tokens=16, temperature=0)
         assert completion.usage.completion_tokens == 16 or completion.choices[0].finish_reason == "stop"
         assert completion.choices[0].text
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
