@@ -20,11 +20,17 @@ JOB = {
 }
 
 
+def _wait_for_running_probe_pods(kube: Kube, namespace: str) -> list[dict]:
+    def running():
+        pods = [p for p in kube.pods(namespace, "job-name=gpu-probe") if p["status"].get("phase") == "Running"]
+        return pods if len(pods) == 2 else None
+
+    return wait_for(running, timeout=60, what="2 running pods")
+
+
 def test_job_pods_are_scheduled_on_gpu_nodes_and_run(kube: Kube, namespace: str):
     kube.apply(JOB, namespace)
-    pods = wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(
-        [p for p in kube.pods(namespace, "job-name=gpu-probe") if p["status"].get("phase") == "Running"]),
-        timeout=60, what="2 running pods")
+    pods = _wait_for_running_probe_pods(kube, namespace)
     nodes = {p["spec"]["nodeName"] for p in pods}
     # 8 GPUs each: the scheduler must put them on different nodes.
     assert len(nodes) == 2 and all(n.startswith("gpu-node-") for n in nodes)
@@ -32,9 +38,7 @@ def test_job_pods_are_scheduled_on_gpu_nodes_and_run(kube: Kube, namespace: str)
 
 def test_pod_exit_codes_drive_job_status(kube: Kube, namespace: str):
     kube.apply(JOB, namespace)
-    pods = wait_for(lambda: (lambda ps: ps if len(ps) == 2 else None)(
-        [p for p in kube.pods(namespace, "job-name=gpu-probe") if p["status"].get("phase") == "Running"]),
-        timeout=60, what="2 running pods")
+    pods = _wait_for_running_probe_pods(kube, namespace)
     by_index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in pods}
     kube.finish_pod(by_index["0"]["metadata"]["name"], namespace, 0)
     kube.finish_pod(by_index["1"]["metadata"]["name"], namespace, 3)

@@ -46,8 +46,12 @@ def test_invalid_manifest_is_refused_naming_the_field(kube: Kube, namespace: str
     assert expect in proc.stderr, proc.stderr
 
 
-def _training(namespace: str) -> dict:
-    return copy.deepcopy(custom_resources(next(p for p in EXAMPLES if p.name == "training-tiny-cpu.yaml"))[0])
+def _example(file_name: str) -> dict:
+    return copy.deepcopy(custom_resources(next(p for p in EXAMPLES if p.name == file_name))[0])
+
+
+def _training() -> dict:
+    return _example("training-tiny-cpu.yaml")
 
 
 @pytest.mark.parametrize("field,value,expect", [
@@ -55,7 +59,7 @@ def _training(namespace: str) -> dict:
     ("parallelism", {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}, "spec.parallelism is immutable"),
 ])
 def test_architecture_and_parallelism_are_immutable(kube: Kube, namespace: str, field, value, expect):
-    document = _training(namespace)
+    document = _training()
     assert _create(kube, namespace, document).returncode == 0
     patch = json.dumps({"spec": {field: value}})
     proc = kube.kubectl("patch", "nxt", document["metadata"]["name"], "-n", namespace,
@@ -70,7 +74,7 @@ def test_architecture_and_parallelism_are_immutable(kube: Kube, namespace: str, 
 
 
 def test_scale_subresource_sets_replicas(kube: Kube, namespace: str):
-    serving = custom_resources(next(p for p in EXAMPLES if p.name == "serving-from-training.yaml"))[0]
+    serving = _example("serving-from-training.yaml")
     assert _create(kube, namespace, serving).returncode == 0
     kube.kubectl("scale", "nxs", serving["metadata"]["name"], "-n", namespace, "--replicas=3")
     assert kube.get("nxs", serving["metadata"]["name"], namespace)["spec"]["replicas"] == 3
@@ -81,7 +85,7 @@ def test_scale_subresource_sets_replicas(kube: Kube, namespace: str):
 
 
 def test_status_and_spec_are_written_separately(kube: Kube, namespace: str):
-    document = _training(namespace)
+    document = _training()
     name = document["metadata"]["name"]
     assert _create(kube, namespace, document).returncode == 0
     # A status write through the subresource ignores spec changes in the same body ...
@@ -102,7 +106,7 @@ def test_status_and_spec_are_written_separately(kube: Kube, namespace: str):
 
 
 def test_printer_columns_and_short_names(kube: Kube, namespace: str):
-    document = _training(namespace)
+    document = _training()
     assert _create(kube, namespace, document).returncode == 0
     kube.kubectl("patch", "nxt", document["metadata"]["name"], "-n", namespace, "--subresource", "status",
                  "--type", "merge", "-p", json.dumps({"status": {
