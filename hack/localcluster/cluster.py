@@ -280,6 +280,22 @@ class LocalCluster:
             raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
         return proc
 
+    def install_crds(self, directory: Path, timeout: float = 60.0) -> None:
+        """Apply every CRD in `directory` and wait until the API server serves them.
+
+        Polled here rather than with `kubectl wait`, which fails at once when it reads a
+        new CRD whose status has no conditions yet.
+        """
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(directory))
+        names = self.kubectl("get", "-f", str(directory), "-o", "name").stdout.split()
+
+        def established() -> bool:
+            crds = json.loads(self.kubectl("get", *names, "-o", "json").stdout)["items"]
+            return all(any(c["type"] == "Established" and c["status"] == "True"
+                           for c in crd.get("status", {}).get("conditions") or []) for crd in crds)
+
+        self._wait(established, timeout, f"the CRDs in {directory} to be established")
+
     # ------------------------------------------------------------------ down
     def down(self, wipe: bool = True) -> None:
         """Stop every component this state directory started; optionally wipe the state."""

@@ -37,9 +37,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def kube(cluster: LocalCluster) -> Kube:
     kube = Kube(cluster)
-    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    kube.kubectl("wait", "--for", "condition=Established", "--timeout", "60s",
-                 "crd/neoxtrainings.neox.dev", "crd/neoxservings.neox.dev")
+    cluster.install_crds(REPO_ROOT / "crds")
     return kube
 
 
