@@ -34,6 +34,12 @@ BAD_COMPLETIONS = {
     "stream not a bool": ({"prompt": "hi", "stream": "yes"}, "stream"),
     "penalty out of range": ({"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
     "unknown model": ({"prompt": "hi", "model": "gpt-4"}, "model"),
+    "logit_bias above 100": ({"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias.5"),
+    "logit_bias key not a token id": ({"prompt": "hi", "logit_bias": {"hello": 1}}, "logit_bias"),
+    "logit_bias key a unicode digit": ({"prompt": "hi", "logit_bias": {"\u00b2": 1}}, "logit_bias"),
+    "logit_bias token out of vocab": ({"prompt": "hi", "logit_bias": {"99999999": 1}}, "logit_bias"),
+    "best_of other than n": ({"prompt": "hi", "best_of": 3}, "best_of"),
+    "suffix": ({"prompt": "hi", "suffix": "end"}, "suffix"),
 }
 
 BAD_CHAT = {

@@ -64,6 +64,20 @@ def test_penalties_change_greedy_output_and_reduce_repeats(engine, encode):
     assert len(set(penalized)) >= len(set(plain))
 
 
+def test_logit_bias_bans_and_forces_tokens_only_in_its_own_row(engine, encode):
+    p = encode("the model serves")
+    plain = one(engine, p, max_tokens=8, temperature=0.0)[0][0]
+    banned = one(engine, p, max_tokens=8, temperature=0.0, logit_bias=((plain[0], -100.0),))[0][0]
+    assert banned[0] != plain[0] and plain[0] not in banned
+    forced = 7 if plain[0] != 7 else 8
+    out = run_all(engine, {
+        "forced": (p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, logit_bias=((forced, 100.0),))),
+        "plain": (p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)),
+    })
+    assert out["forced"][0][0] == [forced] * 4
+    assert out["plain"][0][0] == plain  # the bias does not leak into the other row of the batch
+
+
 def test_stop_string_cuts_text_and_finishes(engine, encode):
     p = encode("the model serves")
     tokens, text, finish, _ = one(engine, p, max_tokens=24, temperature=0.0)[0]

@@ -1,7 +1,8 @@
 """OpenAI request bodies as pydantic models: field ranges are OpenAI's, so bad input is a 400.
 
 Extra fields are ignored as OpenAI does, except vLLM's sampling extensions (top_k,
-repetition_penalty, ignore_eos), which are honoured. Responses are built as dicts in
+repetition_penalty, ignore_eos), which are honoured. Fields this server cannot honour
+(`suffix`, `best_of` other than `n`) are refused with a 400 rather than silently dropped. Responses are built as dicts in
 `responses`, matching the OpenAI wire format exactly.
 """
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_PROMPTS = 64  # prompts in one batched completion request
+MAX_LOGIT_BIAS = 1024  # entries in one logit_bias map
 
 Prompt = str | list[Annotated[int, Field(ge=0)]] | list[str] | list[list[Annotated[int, Field(ge=0)]]]
 
@@ -40,6 +42,17 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     ignore_eos: StrictBool = False
     user: str | None = None
+    # OpenAI: token id (as a JSON object key) -> bias in [-100, 100], added to the logits.
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys_are_token_ids(cls, v):
+        for key in v or {}:
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -58,6 +71,8 @@ class CompletionRequest(SamplingFields):
     prompt: Prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -120,6 +120,11 @@ class Serving:
                            param="max_tokens", code="invalid_value")
         if max_tokens is None:
             max_tokens = self._default_max_tokens(longest)
+        bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+        for token_id, _ in bias:
+            if token_id >= self.s.arch.vocab_size:
+                raise APIError(400, f"logit_bias names token id {token_id}, outside the vocabulary "
+                               f"(size {self.s.arch.vocab_size})", param="logit_bias", code="invalid_value")
         if longest + max_tokens > max_len:
             raise APIError(400, f"This model's maximum context length is {max_len} tokens. However, you "
                            f"requested {longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} "
@@ -128,7 +133,7 @@ class Serving:
             max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty, stop=tuple(stop), ignore_eos=req.ignore_eos, n=req.n,
-            logprobs=logprobs, watermark=self.s.watermark is not None)
+            logprobs=logprobs, logit_bias=bias, watermark=self.s.watermark is not None)
 
     def _default_max_tokens(self, prompt_len: int) -> int:
         if self._chat:  # chat: until the context ends (OpenAI), within the cap
@@ -141,6 +146,13 @@ class Serving:
 
     def prepare_completion(self, req: CompletionRequest, key_id: str) -> Job:
         self._begin(False, key_id, "/v1/completions")
+        if req.suffix:
+            raise APIError(400, "suffix (insertion) is not supported by this model", param="suffix",
+                           code="invalid_value")
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, f"best_of={req.best_of} is not supported; only best_of equal to n "
+                           f"({req.n}) is accepted. Ask for n choices and rank them by logprobs.",
+                           param="best_of", code="invalid_value")
         p = req.prompt
         raw = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
         pairs = [self._tokenize(x, "prompt") for x in raw]

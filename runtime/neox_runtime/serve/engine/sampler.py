@@ -1,10 +1,10 @@
-"""Batched sampling: penalties, watermark, temperature, top-k, top-p, greedy, logprobs.
+"""Batched sampling: penalties, logit bias, watermark, temperature, top-k, top-p, greedy, logprobs.
 
 All rows are processed with whole-batch tensor ops; the only per-row Python work is one
 uniform draw from the sequence's own generator, which makes a seeded sequence
 reproducible regardless of its batch (inverse-CDF sampling on that uniform).
-Reported logprobs are the model's raw distribution (before penalties and watermark),
-as vLLM reports them.
+Reported logprobs are the model's raw distribution (before penalties, logit bias and
+watermark), as vLLM reports them.
 """
 
 from __future__ import annotations
@@ -37,6 +37,21 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     logits = logits - presence * (counts > 0) - frequency * counts
     penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
     return torch.where(seen, penalized, logits)
+
+
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI logit_bias: add each row's bias to the named tokens' logits (-100 bans, +100 forces)."""
+    rows, cols, vals = [], [], []
+    for r, s in enumerate(seqs):
+        for token_id, bias in s.params.logit_bias:
+            rows.append(r)
+            cols.append(token_id)
+            vals.append(bias)
+    logits = logits.clone()
+    dev = logits.device
+    logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)),
+                      torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    return logits
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -83,6 +98,8 @@ class Sampler:
         raw_lp = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
         if any(s.params.has_penalties for s in seqs):
             logits = apply_penalties(logits, seqs)
+        if any(s.params.logit_bias for s in seqs):
+            logits = apply_logit_bias(logits, seqs)
         for proc in self.processors:
             logits = proc(logits, seqs)
         greedy = torch.tensor([s.params.greedy for s in seqs])

@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None = off; k >= 0 top alternatives per token
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     watermark: bool = False
 
     @property
