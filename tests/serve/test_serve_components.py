@@ -81,3 +81,85 @@ def test_prepacked_linear_matches_f_linear_for_every_batch_size():
             assert torch.equal(plain(x).float(), ref)
         if not torch.backends.mkldnn.is_available():
             pytest.skip("no oneDNN: the packed path is the fallback")
+
+
+def test_engine_thread_builds_the_engine_and_runs_its_steps():
+    """The model must be loaded on the thread that steps it (one OpenMP pool; see async_engine)."""
+    import asyncio
+    import threading
+    import time
+
+    import pytest
+
+    from neox_runtime.serve.engine.async_engine import AsyncEngine
+
+    seen = {}
+
+    class Engine:
+        def has_work(self):
+            seen["stepped_on"] = threading.current_thread()
+            return False
+
+        def request_ids(self):
+            return []
+
+    def build():
+        seen["built_on"] = threading.current_thread()
+        return Engine()
+
+    engine = AsyncEngine(build)
+    assert seen["built_on"] is not threading.current_thread()
+    engine.start(asyncio.new_event_loop())
+    deadline = time.monotonic() + 5
+    while "stepped_on" not in seen and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.shutdown()
+    assert seen["stepped_on"] is seen["built_on"]
+
+    def broken():
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncEngine(broken)
+
+
+def test_watermark_green_lists_agree_between_sampler_and_detector():
+    import numpy as np
+    import torch
+
+    from neox_runtime.safety.watermark import green_mask
+
+    prev = [0, 7, 50_000, 2**20]
+    vocab = list(range(0, 60_000, 7))
+    on_torch = green_mask(torch.tensor(prev)[:, None], torch.tensor(vocab), 12345, 0.25).numpy()
+    on_numpy = green_mask(np.array(prev, dtype=np.int64)[:, None], np.array(vocab, dtype=np.int64), 12345, 0.25)
+    assert (on_torch == on_numpy).all() and 0.2 < on_numpy.mean() < 0.3
+
+
+def test_decode_attention_paths_agree_with_holes_in_the_slot_window():
+    import torch
+
+    from neox_runtime.api.architecture import PRESETS
+    from neox_runtime.model import GPTNeoXForCausalLM
+    from neox_runtime.serve.engine.runner import ModelRunner, StepPlan
+
+    arch = PRESETS["tiny"].architecture
+    runner = ModelRunner(GPTNeoXForCausalLM(arch).eval(), arch, num_slots=6, max_len=32)
+    assert runner.bmm_decode  # float32 on CPU
+    torch.manual_seed(0)
+    runner.cache.k.normal_()
+    runner.cache.v.normal_()
+    H, D = runner.num_heads, runner.head_dim
+    pos = torch.tensor([5, 17, 2, 30])
+    slots = torch.tensor([1, 2, 4, 5])  # slot 3 is a hole
+    plan = StepPlan(token_ids=torch.zeros(4, dtype=torch.long), positions=pos, slots=slots, num_decode=4,
+                    prefill=[], sample_rows=torch.arange(4))
+    layout = runner._decode_layout(plan, pos, slots)
+    q = torch.randn(4, H, D)
+    kc, vc = runner.cache.k[0], runner.cache.v[0]
+    fast = runner._decode_attention(q, kc, vc, layout)
+    runner.bmm_decode = False
+    sdpa = runner._decode_attention(q, kc, vc, layout)
+    ref = torch.stack([torch.softmax(kc[s, :, :p + 1] @ q[r][:, :, None] / D ** 0.5, dim=1).transpose(1, 2)
+                       @ vc[s, :, :p + 1] for r, (s, p) in enumerate(zip(slots.tolist(), pos.tolist()))])[:, :, 0]
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(sdpa, ref, atol=1e-5)

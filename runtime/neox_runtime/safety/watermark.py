@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 _M32 = 0xFFFFFFFF
@@ -30,8 +31,12 @@ def _key_int(secret: str) -> int:
     return int.from_bytes(hashlib.sha256(secret.encode()).digest()[:4], "little")
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash in int64 arithmetic (every product stays below 2**63)."""
+def _mix(x):
+    """A 32-bit avalanche hash in int64 arithmetic (every product stays below 2**63).
+
+    Works on int64 torch tensors (the sampler, on the logits' device) and numpy arrays (the
+    detector, which runs on the HTTP thread and must not start a torch thread pool there).
+    """
     x = x & _M32
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _M32
@@ -40,10 +45,10 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def green_mask(prev: torch.Tensor, candidates: torch.Tensor, key: int, gamma: float) -> torch.Tensor:
-    """True where candidate token is green after token `prev`; broadcasts prev (M, 1) x candidates (V,)."""
-    seed = _mix(prev.long() * 0x9E3779B1 + key)
-    h = _mix(seed ^ candidates.long())
+def green_mask(prev, candidates, key: int, gamma: float):
+    """True where candidate token is green after token `prev`; broadcasts prev (M, 1) x candidates (V,), int64."""
+    seed = _mix(prev * 0x9E3779B1 + key)
+    h = _mix(seed ^ candidates)
     return h < int(gamma * (1 << 32))
 
 
@@ -86,7 +91,7 @@ def detect_ids(ids: list[int], secret: str, gamma: float = 0.25, threshold: floa
     pairs = sorted(set(zip(ids[:-1], ids[1:])))
     if not pairs:
         return Detection(0.0, 0, 0, 0.0, False)
-    t = torch.tensor(pairs)
+    t = np.array(pairs, dtype=np.int64)
     green = green_mask(t[:, 0], t[:, 1], _key_int(secret), gamma)
     n, g = len(pairs), int(green.sum())
     z = (g - gamma * n) / math.sqrt(n * gamma * (1 - gamma))

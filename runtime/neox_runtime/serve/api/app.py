@@ -59,12 +59,20 @@ def build_state(cfg: ServeConfig, hooks: list[ModerationHook] | None = None) -> 
     metrics = ServerMetrics(cfg.engine.model_name)
     watermark = WatermarkProcessor(s.watermark_key, s.watermark_gamma, s.watermark_delta) \
         if s.watermark_key else None
-    engine, loaded = build_engine(cfg.engine, processors=[watermark] if watermark else None, metrics=metrics)
+    built = {}
+
+    def build():  # runs on the engine thread (see async_engine)
+        built["engine"], built["loaded"] = build_engine(cfg.engine, processors=[watermark] if watermark else None,
+                                                        metrics=metrics)
+        return built["engine"]
+
+    async_engine = AsyncEngine(build)
+    loaded = built["loaded"]
     if hooks is None:
         hooks = [BlocklistHook(s.blocklist, s.blocklist_action)] if s.blocklist else []
     return ServerState(
-        cfg=cfg, engine=AsyncEngine(engine), tokenizer=loaded.tokenizer, arch=loaded.arch,
-        max_len=engine.max_len, model_name=cfg.engine.model_name, metrics=metrics,
+        cfg=cfg, engine=async_engine, tokenizer=loaded.tokenizer, arch=loaded.arch,
+        max_len=built["engine"].max_len, model_name=cfg.engine.model_name, metrics=metrics,
         keys=KeyStore.from_path(s.api_keys_file) if s.api_keys_file else None,
         limiter=RateLimiter(s.requests_per_minute, s.tokens_per_minute), hooks=hooks,
         audit=AuditLog(s.audit_log), watermark=watermark, eos_token_id=loaded.eos_token_id)

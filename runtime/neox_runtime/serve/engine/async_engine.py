@@ -1,10 +1,17 @@
 """Drive the synchronous engine from a background thread for an asyncio server.
 
-The thread owns the engine: requests and aborts reach it through a queue, and each
-step's deltas come back to the event loop in one `call_soon_threadsafe`. Torch releases
-the GIL inside its kernels, so the HTTP loop keeps serving while a step computes.
-The thread also keeps what `/health` needs: whether work is pending and when the last
-token came.
+The thread owns the engine: it builds it (loads the model, prepacks the weights), then
+runs the step loop; requests and aborts reach it through a queue, and each step's deltas
+come back to the event loop in one `call_soon_threadsafe`. Torch releases the GIL inside
+its kernels, so the HTTP loop keeps serving while a step computes. The thread also keeps
+what `/health` needs: whether work is pending and when the last token came.
+
+Why the same thread builds and runs: torch's CPU kernels use OpenMP, and libgomp keeps a
+worker pool per thread that ever ran a parallel region. Once two pools exist there are
+more OpenMP threads than cores, libgomp stops spinning between regions, and every
+region pays a futex wake-up: a decode step of the 70M model on 2 cores measured 27%
+slower when the model was loaded on the main thread and stepped on another. So the HTTP
+thread never runs a parallel torch op.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from neox_runtime.serve.engine.core import LLMEngine
 from neox_runtime.serve.engine.sequence import SamplingParams, SequenceDelta
@@ -27,28 +34,48 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
-        self.engine = engine
+    """Starts the engine thread, which calls `build`; returns once the engine is built (or raises its error)."""
+
+    def __init__(self, build: Callable[[], LLMEngine]):
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._started = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
         self.last_progress = time.monotonic()
         self.pending = False
+        built = threading.Event()
+        build_error: list[BaseException] = []
+
+        def main() -> None:
+            try:
+                self.engine = build()
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the constructing thread
+                build_error.append(exc)
+                return
+            finally:
+                built.set()
+            self._started.wait()
+            if not self._stop:
+                self._run()
+
+        self._thread = threading.Thread(target=main, name="neox-engine", daemon=True)
+        self._thread.start()
+        built.wait()
+        if build_error:
+            raise build_error[0]
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.Thread(target=self._run, name="neox-engine", daemon=True)
-        self._thread.start()
+        self._started.set()
 
     def shutdown(self) -> None:
         self._stop = True
+        self._started.set()
         self._wake.set()
-        if self._thread:
-            self._thread.join(timeout=10)
+        self._thread.join(timeout=10)
 
     def stalled_for(self) -> float:
         """Seconds without a new token while work is pending (0 when idle)."""
