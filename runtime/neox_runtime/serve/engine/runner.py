@@ -6,9 +6,9 @@ its `RotaryEmbedding` tables, but owns attention so that K/V go to the engine's 
 step's rows are flat (N tokens, no padding): decode rows first, one per running sequence,
 then prefill chunks. Every linear layer is one matmul over all rows; rotary embedding is
 applied to q and k together, in place in the QKV output; decode attention reads a strided
-view of the cache with a length mask (two batched matmuls on CPU in float32, where they
-beat SDPA's kernel by 1.8x once the cache no longer sits in L3; SDPA elsewhere); each
-prefill chunk attends with SDPA. Only rows that sample produce logits.
+view of the cache with a length mask (two batched matmuls on CPU in float32: 0.37 ms a
+layer against SDPA's 0.66 ms for 32 sequences of the 70M shape inside a step, when the
+cache is no longer in L3; SDPA elsewhere); each prefill chunk attends with SDPA. Only rows that sample produce logits.
 
 Shapes: N rows, C hidden, H heads on this rank, D head_dim, R rotary dims, S slots, L length.
 """
