@@ -42,3 +42,22 @@ def test_greedy_equals_transformers_generate(model_factory, variant, token_budge
         x = torch.tensor([p])
         ref = hf.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)
         assert out[str(i)][0][0] == ref[0, len(p):].tolist(), f"prompt {i} diverged from transformers"
+
+
+def test_bfloat16_serving_tracks_transformers_bfloat16(model_factory):
+    """bf16 weights (float32 KV cache on CPU): each chosen token's logprob matches transformers in bf16."""
+    path = model_factory(**VARIANTS["rotary0.25-parallel-gelu-newkeys"])
+    engine, loaded = build_engine(EngineConfig(model=path, dtype="bfloat16", max_num_seqs=4,
+                                               max_num_batched_tokens=64))
+    ids = [loaded.tokenizer.encode(p).ids for p in PROMPTS]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    out = run_all(engine, {str(i): (p, params) for i, p in enumerate(ids)})
+    hf = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    worst = 0.0
+    for i, p in enumerate(ids):
+        tokens, _, _, lps = out[str(i)][0]
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p + tokens])).logits[0].float(), dim=-1)
+        for t, (tok, lp) in enumerate(zip(tokens, lps)):
+            worst = max(worst, abs(lp.logprob - ref[len(p) - 1 + t, tok].item()))
+    assert worst < 0.05, worst

@@ -6,7 +6,7 @@ import torch
 
 from neox_runtime.serve.config import EngineConfig
 from neox_runtime.serve.engine.core import LLMEngine
-from neox_runtime.serve.engine.kv_cache import KVCache
+from neox_runtime.serve.engine.kv_cache import KVCache, kv_cache_dtype
 from neox_runtime.serve.engine.runner import ModelRunner
 from neox_runtime.serve.engine.sampler import LogitsProcessor
 from neox_runtime.serve.loader import DTYPES, LoadedModel, load
@@ -21,7 +21,8 @@ def cache_shape(cfg: EngineConfig, loaded: LoadedModel) -> tuple[int, int]:
     if cfg.kv_cache_bytes is not None:
         per_slot = KVCache.bytes_per_slot(num_layers=arch.num_hidden_layers,
                                           num_heads=arch.num_attention_heads // cfg.tensor_parallel,
-                                          max_len=max_len, head_dim=arch.head_dim, dtype=DTYPES[cfg.dtype])
+                                          max_len=max_len, head_dim=arch.head_dim,
+                                          dtype=kv_cache_dtype(DTYPES[cfg.dtype], cfg.device))
         slots = min(slots, cfg.kv_cache_bytes // per_slot)
         if slots < 1:
             raise ValueError(f"kv_cache_bytes={cfg.kv_cache_bytes} holds no sequence of {max_len} tokens "

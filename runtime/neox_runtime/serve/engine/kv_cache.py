@@ -13,6 +13,10 @@ import heapq
 import torch
 
 
+def kv_cache_dtype(model_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    return torch.float32 if torch.device(device).type == "cpu" else model_dtype
+
+
 class KVCache:
     """K and V for every layer: (layers, slots, heads, max_len, head_dim) each."""
 

@@ -6,9 +6,10 @@ its `RotaryEmbedding` tables, but owns attention so that K/V go to the engine's 
 step's rows are flat (N tokens, no padding): decode rows first, one per running sequence,
 then prefill chunks. Every linear layer is one matmul over all rows; rotary embedding is
 applied to q and k together, in place in the QKV output; decode attention reads a strided
-view of the cache with a length mask (two batched matmuls on CPU in float32: 0.37 ms a
-layer against SDPA's 0.66 ms for 32 sequences of the 70M shape inside a step, when the
-cache is no longer in L3; SDPA elsewhere); each prefill chunk attends with SDPA. Only rows that sample produce logits.
+view of the cache with a length mask (on CPU, where the cache is float32, two batched
+matmuls: 0.37 ms a layer against SDPA's 0.66 ms for 32 sequences of the 70M shape inside
+a step, when the cache is no longer in L3; SDPA on GPU); each prefill chunk attends with
+SDPA. Attention runs in the cache's dtype. Only rows that sample produce logits.
 
 Shapes: N rows, C hidden, H heads on this rank, D head_dim, R rotary dims, S slots, L length.
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from neox_runtime.api.architecture import ModelArchitecture
 from neox_runtime.model import GPTNeoXForCausalLM, RotaryEmbedding, rotary_width
-from neox_runtime.serve.engine.kv_cache import KVCache
+from neox_runtime.serve.engine.kv_cache import KVCache, kv_cache_dtype
 
 _GELU_APPROX = {"gelu": "none", "gelu_fast": "tanh", "gelu_new": "tanh"}
 
@@ -132,15 +133,16 @@ class ModelRunner:
         self.lm_head = Linear(self.unembed, None, prepack)
         self.num_heads = arch.num_attention_heads // world
         self.head_dim, self.rotary_ndims = arch.head_dim, rotary_width(arch)
+        self.kv_dtype = kv_cache_dtype(self.dtype, self.device)
         # Decode attention as batched matmuls where that is faster than SDPA (see the module doc).
-        self.bmm_decode = self.device.type == "cpu" and self.dtype == torch.float32
+        self.bmm_decode = self.device.type == "cpu" and self.kv_dtype == torch.float32
         self.gelu = _GELU_APPROX[arch.hidden_act]
         positions = torch.arange(max_len, device=self.device)
         cos, sin = RotaryEmbedding(arch).to(self.device)(positions, dtype=self.dtype)  # (L, R)
         self.cos, self.sin = cos, sin
         self.cache = KVCache(num_layers=arch.num_hidden_layers, num_slots=num_slots,
                              num_heads=self.num_heads, max_len=max_len, head_dim=arch.head_dim,
-                             dtype=self.dtype, device=self.device)
+                             dtype=self.kv_dtype, device=self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
@@ -184,7 +186,7 @@ class ModelRunner:
         lengths[dslots - lo] = pos[:nd] + 1
         lmax = int(lengths.max())
         valid = torch.arange(lmax, device=self.device)[None, :] < lengths[:, None]  # (S, L)
-        bias = torch.zeros(valid.shape, dtype=self.dtype, device=self.device)
+        bias = torch.zeros(valid.shape, dtype=self.kv_dtype, device=self.device)
         bias.masked_fill_(~valid, float("-inf"))
         packed = hi - lo == nd and bool((dslots == torch.arange(lo, hi, device=self.device)).all())
         return lo, hi, lmax, dslots - lo, bias[:, None, None, :], packed  # bias (S, 1, 1, L)
@@ -193,11 +195,11 @@ class ModelRunner:
         N, H, D = h.shape[0], self.num_heads, self.head_dim
         qkv = qkv_proj(h).view(N, H, 3, D)  # HF layout: per head q, k, v
         self._rotate(qkv[:, :, :2], cos, sin)
-        q, k, v = qkv.unbind(2)  # (N, H, D) strided views
+        q, k, v = (t.to(self.kv_dtype) for t in qkv.unbind(2))  # (N, H, D); strided views when dtypes agree
         kc, vc = self.cache.k[i], self.cache.v[i]  # (S, H, L, D)
         kc[slots, :, pos] = k
         vc[slots, :, pos] = v
-        out = torch.empty(N, H, D, dtype=h.dtype, device=h.device)
+        out = torch.empty(N, H, D, dtype=self.kv_dtype, device=h.device)
         if decode is not None:
             out[:plan.num_decode] = self._decode_attention(q[:plan.num_decode], kc, vc, decode)
         for c in plan.prefill:
@@ -211,7 +213,7 @@ class ModelRunner:
                 mask = torch.arange(end, device=h.device)[None, :] <= rows  # (T, end)
                 y = F.scaled_dot_product_attention(qc, kk, vv, attn_mask=mask)
             out[c.row:c.row + c.length] = y[0].transpose(0, 1)
-        return out.view(N, H * D)
+        return out.view(N, H * D).to(h.dtype)
 
     def _rotate(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         """Rotary embedding in place on the first R dims of q and k, qk (N, H, 2, D); cos/sin (N, 1, 1, R)."""
