@@ -33,9 +33,32 @@ class ServerMetrics:
                                labels + ["reason"], registry=r)
         self.steps = Counter("neox:engine_steps", "Engine steps executed.", labels, registry=r)
         self.model_name = model_name
+        # The engine records several observations per token; `labels()` takes a lock and a
+        # dict lookup each call, so its children are bound to this server's model once.
+        m = model_name
+        self._running, self._waiting, self._kv_usage = (g.labels(m) for g in (self.running, self.waiting,
+                                                                               self.kv_usage))
+        self._ttft, self._itl, self._e2e = self.ttft.labels(m), self.itl.labels(m), self.e2e.labels(m)
+        self._prompt_tokens, self._generation_tokens = self.prompt_tokens.labels(m), self.generation_tokens.labels(m)
+        self._steps = self.steps.labels(m)
 
     def engine_state(self, running: int, waiting: int, kv_usage: float) -> None:
-        m = self.model_name
-        self.running.labels(m).set(running)
-        self.waiting.labels(m).set(waiting)
-        self.kv_usage.labels(m).set(kv_usage)
+        """After every engine step."""
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv_usage.set(kv_usage)
+        self._steps.inc()
+
+    def first_token(self, seconds_since_arrival: float, prompt_tokens: int) -> None:
+        self._ttft.observe(seconds_since_arrival)
+        self._prompt_tokens.inc(prompt_tokens)
+
+    def next_token(self, seconds_since_previous: float) -> None:
+        self._itl.observe(seconds_since_previous)
+
+    def generated(self, tokens: int) -> None:
+        self._generation_tokens.inc(tokens)
+
+    def finished(self, seconds_since_arrival: float, reason: str) -> None:
+        self._e2e.observe(seconds_since_arrival)
+        self.success.labels(self.model_name, reason).inc()

@@ -86,6 +86,8 @@ class LLMEngine:
         now = time.monotonic()
         self.last_progress = now
         self.tokens_generated += len(tokens)
+        if self.metrics:
+            self.metrics.generated(len(tokens))
         deltas = []
         for seq, tok, lp in zip(seqs, tokens, logprobs):
             self._observe_token(seq, now)
@@ -118,19 +120,14 @@ class LLMEngine:
         if all(s.finished for s in seqs):
             self._by_request.pop(seq.request_id, None)
         if self.metrics:
-            m = self.metrics.model_name
-            self.metrics.e2e.labels(m).observe(now - seq.arrival)
-            self.metrics.success.labels(m, seq.finish_reason).inc()
+            self.metrics.finished(now - seq.arrival, seq.finish_reason)
 
     def _observe_token(self, seq: Sequence, now: float) -> None:
         if self.metrics:
-            m = self.metrics.model_name
             if seq.first_token_time is None:
-                self.metrics.ttft.labels(m).observe(now - seq.arrival)
-                self.metrics.prompt_tokens.labels(m).inc(len(seq.prompt_ids))
+                self.metrics.first_token(now - seq.arrival, len(seq.prompt_ids))
             else:
-                self.metrics.itl.labels(m).observe(now - seq.last_token_time)
-            self.metrics.generation_tokens.labels(m).inc()
+                self.metrics.next_token(now - seq.last_token_time)
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.last_token_time = now
@@ -139,4 +136,3 @@ class LLMEngine:
         if self.metrics:
             s = self.scheduler
             self.metrics.engine_state(len(s.running), len(s.waiting), s.slots.usage())
-            self.metrics.steps.labels(self.metrics.model_name).inc()
