@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from neox_runtime.api.architecture import ModelArchitecture
 
 # gelu_fast and gelu_new are both the tanh approximation (HF's FastGELU / NewGELU).
-_ACTIVATIONS = {"gelu": "none", "gelu_fast": "tanh", "gelu_new": "tanh"}
+GELU_APPROXIMATION = {"gelu": "none", "gelu_fast": "tanh", "gelu_new": "tanh"}
 
 
 def rotary_width(arch: ModelArchitecture) -> int:
@@ -95,7 +95,7 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(arch.hidden_size, arch.intermediate_size)
         self.dense_4h_to_h = nn.Linear(arch.intermediate_size, arch.hidden_size)
-        self.approximate = _ACTIVATIONS[arch.hidden_act]
+        self.approximate = GELU_APPROXIMATION[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))

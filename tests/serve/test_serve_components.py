@@ -79,6 +79,12 @@ def test_prepacked_linear_matches_f_linear_for_every_batch_size():
             assert packed(x).shape == (rows, 96)
             assert torch.allclose(packed(x).float(), ref, rtol=tol, atol=tol)
             assert torch.equal(plain(x).float(), ref)
+        for approximate in ("none", "tanh"):  # the MLP's fc1 with its GELU fused into the packed GEMM
+            fused = Linear(w, b, pack=True, gelu=approximate)
+            for rows in (1, 32, 200):
+                x = torch.randn(rows, 64, dtype=dtype)
+                ref = F.gelu(F.linear(x, w, b), approximate=approximate).float()
+                assert torch.allclose(fused(x).float(), ref, rtol=tol, atol=tol)
         if not torch.backends.mkldnn.is_available():
             pytest.skip("no oneDNN: the packed path is the fallback")
 
