@@ -112,7 +112,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.add_middleware(InflightGate, state=state)
     app.state.server = state
 
-    def authorize(authorization: str | None = Header(None)) -> str:
+    async def authorize(authorization: str | None = Header(None)) -> str:  # async: no thread-pool hop per request
         if state.keys is None:
             return "anonymous"
         key_id = state.keys.identify(bearer_token(authorization))
