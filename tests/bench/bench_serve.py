@@ -10,7 +10,10 @@ the server's 2 cores):
 throughput, time to first token, inter-token latency ((e2e - TTFT) / (tokens - 1), vLLM's
 TPOT), end-to-end latency p50/p99 at each concurrency. In the same run, transformers
 generate on the same weights: (a) one request at a time, (b) one static padded batch of
-16 requests, both 64 new tokens greedy. The decode roofline is the measured peak matmul
+16 requests, both 64 new tokens greedy. On a shared 2-core machine single measurements
+move by 10% between minutes, so (b) and every concurrency level are measured `--repeat`
+times, interleaved in time as far as the order allows, and the run with the median
+throughput is reported, with the range beside it. The decode roofline is the measured peak matmul
 FLOP/s of this machine (the better of MKL's GEMM, which transformers uses, and oneDNN's
 GEMM on prepacked weights, which the server uses) divided by the decode FLOPs per token
 (2 x matmul parameters, unembedding included, + attention over the mean context).
@@ -64,7 +67,13 @@ def pct(xs: list[float], q: float) -> float:
 
 
 # ---- transformers baselines
-def hf_baselines(path: Path, dtype: str) -> dict:
+def median_run(runs: list[dict], key: str = "throughput") -> dict:
+    """The run with the median `key`, plus the range over all runs."""
+    ordered = sorted(runs, key=lambda r: r[key])
+    return {**ordered[len(ordered) // 2], f"{key}_min": ordered[0][key], f"{key}_max": ordered[-1][key]}
+
+
+def hf_baselines(path: Path, dtype: str, repeat: int) -> dict:
     from transformers import GPTNeoXForCausalLM
 
     model = GPTNeoXForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
@@ -77,16 +86,19 @@ def hf_baselines(path: Path, dtype: str) -> dict:
             model.generate(torch.tensor([p]), **kw)
         one_at_a_time = BASELINE_REQUESTS * NEW_TOKENS / (time.perf_counter() - t)
         batch = torch.tensor(ps)
-        t = time.perf_counter()
-        model.generate(batch, attention_mask=torch.ones_like(batch), **kw)
-        static_batch = BASELINE_REQUESTS * NEW_TOKENS / (time.perf_counter() - t)
+        static = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model.generate(batch, attention_mask=torch.ones_like(batch), **kw)
+            static.append({"static_batch": BASELINE_REQUESTS * NEW_TOKENS / (time.perf_counter() - t)})
+        static_batch = median_run(static, "static_batch")
         x = torch.tensor([ps[0]])
         times = []
         for _ in range(20):
             t = time.perf_counter()
             model(x)
             times.append(time.perf_counter() - t)
-    return {"one_at_a_time": one_at_a_time, "static_batch": static_batch, "forward_prompt": statistics.median(times)}
+    return {"one_at_a_time": one_at_a_time, **static_batch, "forward_prompt": statistics.median(times)}
 
 
 # ---- roofline
@@ -176,7 +188,7 @@ def start_server(path: Path, port: int, threads: int | None, dtype: str) -> subp
     raise RuntimeError("server did not start")
 
 
-def report(hf: dict, runs: list[dict], peak: float, dtype: str) -> str:
+def report(hf: dict, runs: list[dict], peak: float, dtype: str, repeat: int) -> str:
     fpt = decode_flops_per_token(PROMPT_LEN + NEW_TOKENS / 2)
     roof = peak / fpt
     at32 = next(r for r in runs if r["concurrency"] == 32)
@@ -186,14 +198,17 @@ def report(hf: dict, runs: list[dict], peak: float, dtype: str) -> str:
         f"## {dtype}: transformers generate, same weights", "",
         "| mode | tok/s |", "|---|---|",
         f"| (a) one request at a time ({BASELINE_REQUESTS} x {NEW_TOKENS}) | {hf['one_at_a_time']:.0f} |",
-        f"| (b) one static padded batch ({BASELINE_REQUESTS} x {NEW_TOKENS}) | {hf['static_batch']:.0f} |",
+        f"| (b) one static padded batch ({BASELINE_REQUESTS} x {NEW_TOKENS}), median (range) of {repeat} | "
+        f"{hf['static_batch']:.0f} ({hf['static_batch_min']:.0f}-{hf['static_batch_max']:.0f}) |",
         f"| one forward over a {PROMPT_LEN}-token prompt | {hf['forward_prompt'] * 1e3:.1f} ms |", "",
         f"## {dtype}: neox-serve over HTTP", "",
-        "| concurrency | requests | tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | e2e p50 / p99 (s) |",
+        f"| concurrency | requests | tok/s, median (range) of {repeat} | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+        "| e2e p50 / p99 (s) |",
         "|---|---|---|---|---|---|",
     ]
     for r in runs:
-        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['throughput']:.0f} | "
+        lines.append(f"| {r['concurrency']} | {r['requests']} | {r['throughput']:.0f} "
+                     f"({r['throughput_min']:.0f}-{r['throughput_max']:.0f}) | "
                      f"{r['ttft_p50'] * 1e3:.1f} / {r['ttft_p99'] * 1e3:.1f} | {r['itl_p50'] * 1e3:.1f} / "
                      f"{r['itl_p99'] * 1e3:.1f} | {r['e2e_p50']:.2f} / {r['e2e_p99']:.2f} |")
     ratio = at32["throughput"] / hf["static_batch"]
@@ -217,21 +232,24 @@ def report(hf: dict, runs: list[dict], peak: float, dtype: str) -> str:
 def run_dtype(path: Path, dtype: str, args) -> str:
     load_before = os.getloadavg()[0]
     peak = peak_matmul_flops(dtype)
-    hf = {"one_at_a_time": 1.0, "static_batch": 1.0, "forward_prompt": 1.0} if args.skip_baselines \
-        else hf_baselines(path, dtype)
+    hf = {"one_at_a_time": 1.0, "static_batch": 1.0, "static_batch_min": 1.0, "static_batch_max": 1.0,
+          "forward_prompt": 1.0} if args.skip_baselines else hf_baselines(path, dtype, args.repeat)
     print(json.dumps(hf), flush=True)
     proc = start_server(path, args.port, args.threads, dtype)
     try:
         url = f"http://127.0.0.1:{args.port}"
         asyncio.run(load(url, 4, 8))  # warm-up
-        runs = []
-        for c in (int(x) for x in args.concurrency.split(",")):
-            runs.append(asyncio.run(load(url, c, max(8, 2 * c))))
-            print(json.dumps(runs[-1]), flush=True)
+        levels = [int(x) for x in args.concurrency.split(",")]
+        by_level: dict[int, list[dict]] = {c: [] for c in levels}
+        for _ in range(args.repeat):  # rounds over all levels, so slow minutes spread across them
+            for c in levels:
+                by_level[c].append(asyncio.run(load(url, c, max(8, 2 * c))))
+                print(json.dumps(by_level[c][-1]), flush=True)
+        runs = [median_run(by_level[c]) for c in levels]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
-    return report(hf, runs, peak, dtype) + (
+    return report(hf, runs, peak, dtype, args.repeat) + (
         f"\nLoad average (1 min) of the machine before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
         "(other jobs share these 2 cores; every number here moves with it).\n\n")
 
@@ -245,6 +263,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="torch threads for both transformers and the server (same budget on both sides)")
     p.add_argument("--skip-baselines", action="store_true", help="server runs only (for tuning)")
+    p.add_argument("--repeat", type=int, default=3, help="measurements of (b) and of each concurrency; median reported")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cmd = " ".join(["python tests/bench/bench_serve.py", *sys.argv[1:]])
