@@ -50,6 +50,11 @@ BAD_CHAT = {
     "top_logprobs huge": ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99},
                           "top_logprobs"),
     "chat over context": ({"messages": [{"role": "user", "content": "the model " * 400}]}, "messages"),
+    "tools": ({"messages": [{"role": "user", "content": "x"}],
+               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "functions": ({"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]}, "functions"),
+    "json response format": ({"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format"),
 }
 
 

@@ -62,6 +62,18 @@ def test_chat_completion_and_logprobs(client):
     assert all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
 
 
+def test_chat_text_response_format_is_accepted_and_tools_are_refused(client):
+    import openai
+    import pytest
+
+    msgs = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny-neox", messages=msgs, max_tokens=2, response_format={"type": "text"})
+    assert r.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError, match="tool and function calling is not supported"):
+        client.chat.completions.create(model="tiny-neox", messages=msgs, max_tokens=2,
+                                       tools=[{"type": "function", "function": {"name": "lookup", "parameters": {}}}])
+
+
 def test_streaming_completion_matches_non_streaming(client):
     kw = dict(model="tiny-neox", prompt="the operator", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     full = client.completions.create(**kw).choices[0].text

@@ -2,7 +2,8 @@
 
 Extra fields are ignored as OpenAI does, except vLLM's sampling extensions (top_k,
 repetition_penalty, ignore_eos), which are honoured. Fields this server cannot honour
-(`suffix`, `best_of` other than `n`) are refused with a 400 rather than silently dropped. Responses are built as dicts in
+(`suffix`, `best_of` other than `n`, tools and function calling, JSON response formats)
+are refused with a 400 rather than silently dropped. Responses are built as dicts in
 `responses`, matching the OpenAI wire format exactly.
 """
 
@@ -104,11 +105,21 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: str
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # Asked of the model but not done by this server: refused with a 400 (see `serving`), never ignored.
+    tools: list[dict] | None = None
+    functions: list[dict] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class DetectRequest(BaseModel):

@@ -162,6 +162,14 @@ class Serving:
 
     def prepare_chat(self, req: ChatCompletionRequest, key_id: str) -> Job:
         self._begin(True, key_id, "/v1/chat/completions")
+        for unsupported in ("tools", "functions"):
+            if getattr(req, unsupported):
+                raise APIError(400, f"{unsupported}: tool and function calling is not supported by this server "
+                               "(a base GPT-NeoX model has no tool-call format)", param=unsupported,
+                               code="invalid_value")
+        if req.response_format is not None and req.response_format.type != "text":
+            raise APIError(400, f"response_format {req.response_format.type!r} is not supported; only 'text' is",
+                           param="response_format", code="invalid_value")
         try:
             text = chat_template.render(req.messages, self.s.cfg.safety.system_prompt)
         except ValueError as exc:
