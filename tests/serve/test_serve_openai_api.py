@@ -51,6 +51,30 @@ def test_completion_logprobs_shape(client):
     assert all(len(t) <= 3 for t in lp.top_logprobs) and all(v <= 0 for v in lp.token_logprobs)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client, server):
+    """lm-evaluation-harness's loglikelihood request: echo, max_tokens=0, logprobs."""
+    prompt = "the model serves tokens"
+    ids = server.state.tokenizer.encode(prompt).ids
+    r = client.completions.create(model="tiny-neox", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = r.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v < 0 for v in lp.token_logprobs[1:]) and all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    kw = dict(model="tiny-neox", prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0,
+              extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw).choices[0]
+    assert full.text.startswith(prompt) and len(full.logprobs.tokens) == len(ids) + 3
+    assert full.logprobs.token_logprobs[0] is None
+    assert full.logprobs.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:])
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].text == prompt  # the echo comes first, with the prompt's logprobs
+    assert chunks[0].choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:])
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == full.text
+
+
 def test_chat_completion_and_logprobs(client):
     r = client.chat.completions.create(model="tiny-neox", messages=[{"role": "system", "content": "Be brief."},
                                                                      {"role": "user", "content": "hello"}],

@@ -61,3 +61,29 @@ def test_bfloat16_serving_tracks_transformers_bfloat16(model_factory):
         for t, (tok, lp) in enumerate(zip(tokens, lps)):
             worst = max(worst, abs(lp.logprob - ref[len(p) - 1 + t, tok].item()))
     assert worst < 0.05, worst
+
+
+@pytest.mark.parametrize("token_budget", [256, 7], ids=["batched-prefill", "chunked-prefill"])
+def test_prompt_logprobs_equal_transformers(model_factory, token_budget):
+    """Echo with logprobs (how lm-evaluation-harness scores text): the prompt's own logprobs."""
+    path = model_factory(**VARIANTS["rotary1.0-sequential-gelufast-oldkeys"])
+    engine, loaded = build_engine(EngineConfig(model=path, max_num_seqs=3, max_num_batched_tokens=token_budget))
+    ids = [loaded.tokenizer.encode(p).ids for p in PROMPTS]
+    out = {}
+    for rid, (p, max_tokens) in enumerate(zip(ids, [0, 3, 0, 1])):
+        engine.add_request(str(rid), p, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                                       prompt_logprobs=2))
+    while engine.has_work():
+        for d in engine.step():
+            if d.prompt_logprobs is not None:
+                out[d.request_id] = d.prompt_logprobs
+            assert d.finish_reason is None or d.num_output_tokens == [0, 3, 0, 1][int(d.request_id)]
+    hf = GPTNeoXForCausalLM.from_pretrained(path).eval()
+    for i, p in enumerate(ids):
+        got = out[str(i)]
+        assert [g.token_id for g in got] == p and got[0].logprob is None and got[0].top is None
+        with torch.no_grad():
+            ref = torch.log_softmax(hf(torch.tensor([p])).logits[0], dim=-1)  # (T, V)
+        for t in range(1, len(p)):
+            assert abs(got[t].logprob - ref[t - 1, p[t]].item()) < 1e-4, (i, t)
+            assert [tok for tok, _ in got[t].top] == ref[t - 1].topk(2).indices.tolist()

@@ -70,6 +70,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt (see serving)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)

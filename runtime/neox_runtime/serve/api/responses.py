@@ -26,7 +26,7 @@ class LogprobFormatter:
             offsets.append(offset)
             offset += len(t)
         return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{self.token(t): v for t, v in lp.top} for lp in lps],
+                "top_logprobs": [None if lp.top is None else {self.token(t): v for t, v in lp.top} for lp in lps],
                 "text_offset": offsets}
 
     def chat(self, lps: list[TokenLogprob]) -> dict:

@@ -50,6 +50,7 @@ class Choice:
     text: str = ""
     tokens: int = 0
     logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None  # echo with logprobs: the prompt's, from the first delta
     finish_reason: str | None = None
     started: bool = False
 
@@ -58,6 +59,8 @@ class Choice:
         self.text += text
         self.tokens += len(d.token_ids)
         self.logprobs += d.logprobs
+        if d.prompt_logprobs is not None:
+            self.prompt_logprobs = d.prompt_logprobs
         if self.filter.refused:
             self.finish_reason = "content_filter"
         elif d.finish_reason is not None:
@@ -149,6 +152,9 @@ class Serving:
         if req.suffix:
             raise APIError(400, "suffix (insertion) is not supported by this model", param="suffix",
                            code="invalid_value")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens=0 asks for no completion; it is only accepted with echo=true (to "
+                           "score the prompt with logprobs)", param="max_tokens", code="invalid_value")
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, f"best_of={req.best_of} is not supported; only best_of equal to n "
                            f"({req.n}) is accepted. Ask for n choices and rank them by logprobs.",
@@ -158,6 +164,8 @@ class Serving:
         pairs = [self._tokenize(x, "prompt") for x in raw]
         params = self._params(req, req.max_tokens, req.logprobs, req.stop_list(), [len(i) for i, _ in pairs],
                               "prompt")
+        if req.echo and req.logprobs is not None:  # OpenAI scores the echoed prompt too
+            params = SamplingParams(**{**params.__dict__, "prompt_logprobs": req.logprobs})
         return self._job(False, req, params, pairs, echo=req.echo)
 
     def prepare_chat(self, req: ChatCompletionRequest, key_id: str) -> Job:
@@ -277,7 +285,8 @@ class Serving:
                 out.append(R.chat_choice(i, c.text, lp, c.finish_reason))
             else:
                 prefix = job.prompt_texts[i // job.params.n] if job.echo else ""
-                lp = fmt.completion(c.logprobs, len(prefix)) if job.params.logprobs is not None else None
+                lp = fmt.completion((c.prompt_logprobs or []) + c.logprobs, 0 if c.prompt_logprobs else len(prefix)) \
+                    if job.params.logprobs is not None else None
                 out.append(R.completion_choice(i, prefix + c.text, lp, c.finish_reason))
         return {"id": job.id, "object": "chat.completion" if job.chat else "text_completion",
                 "created": job.created, "model": job.model, "choices": out, "usage": usage}
@@ -292,11 +301,21 @@ class Serving:
         def chunk(choice: dict) -> str:
             return f"data: {json.dumps({**base, 'choices': [choice], **extra})}\n\n"
 
-        if not job.chat and job.echo:
-            for i in range(len(choices)):
-                yield chunk(R.completion_choice(i, job.prompt_texts[i // job.params.n], None, None))
+        def echo(i: int) -> str:
+            lp = fmt.completion(choices[i].prompt_logprobs, 0) if choices[i].prompt_logprobs else None
+            return chunk(R.completion_choice(i, job.prompt_texts[i // job.params.n], lp, None))
+
+        # The echoed prompt goes first; when its logprobs are wanted, with the first delta that carries them.
+        echo_pending = set(range(len(choices))) if not job.chat and job.echo else set()
+        if job.params.prompt_logprobs is None:
+            for i in sorted(echo_pending):
+                yield echo(i)
+            echo_pending.clear()
         async for idx, text, lps in self._consume(job, choices):
             c = choices[idx]
+            if idx in echo_pending:
+                echo_pending.discard(idx)
+                yield echo(idx)
             want_lp = job.params.logprobs is not None and lps
             if job.chat:
                 lp = fmt.chat(lps) if want_lp else None
@@ -304,7 +323,8 @@ class Serving:
                     yield chunk(R.chat_chunk_choice(idx, text, lp, c.finish_reason, first=not c.started))
                     c.started = True
             elif text or want_lp or c.finish_reason:
-                lp = fmt.completion(lps, len(c.text) - len(text)) if want_lp else None
+                echoed = len(job.prompt_texts[idx // job.params.n]) if job.echo else 0
+                lp = fmt.completion(lps, echoed + len(c.text) - len(text)) if want_lp else None
                 yield chunk(R.completion_choice(idx, text, lp, c.finish_reason))
         usage = self._finish(job, choices)
         if job.include_usage:

@@ -18,7 +18,7 @@ from neox_runtime.serve.engine.detokenizer import Detokenizer, DetokState
 from neox_runtime.serve.engine.runner import StepPlan
 from neox_runtime.serve.engine.sampler import LogitsProcessor, Sampler
 from neox_runtime.serve.engine.scheduler import Scheduler
-from neox_runtime.serve.engine.sequence import SamplingParams, Sequence, SequenceDelta
+from neox_runtime.serve.engine.sequence import SamplingParams, Sequence, SequenceDelta, TokenLogprob
 from neox_runtime.serve.metrics import ServerMetrics
 
 
@@ -77,9 +77,37 @@ class LLMEngine:
             return []
         logits = self.executor.execute(step.plan)
         self.scheduler.record_computed(step)
-        deltas = self._update(step.sampled, logits) if step.sampled else []
+        if step.scored:
+            self._score_prompts(step.scored, logits[len(step.sampled):])
+        deltas = self._update(step.sampled, logits[:len(step.sampled)]) if step.sampled else []
+        deltas += [self._finish_prompt_only(seq) for seq in step.prompt_only]
         self._observe_state()
         return deltas
+
+    def _score_prompts(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
+        """Prompt logprobs (echo with logprobs): each scored row's log-probability of the next prompt token."""
+        lp = torch.log_softmax(logits.float(), dim=-1)  # (rows, V)
+        k = max(seq.params.prompt_logprobs for seq, _, _ in scored)
+        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+        row = 0
+        for seq, first, count in scored:
+            if first == 1:  # nothing predicts the first prompt token
+                seq.prompt_logprobs.append(TokenLogprob(seq.prompt_ids[0], None, None))
+            targets = seq.prompt_ids[first:first + count]
+            chosen = lp[row:row + count].gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
+            kk = seq.params.prompt_logprobs
+            for j, (tok, value) in enumerate(zip(targets, chosen)):
+                top = list(zip(top_i[row + j, :kk].tolist(), top_v[row + j, :kk].tolist())) if kk else []
+                seq.prompt_logprobs.append(TokenLogprob(tok, value, top))
+            row += count
+
+    def _finish_prompt_only(self, seq: Sequence) -> SequenceDelta:
+        """A sequence asked for no new tokens (echo with max_tokens=0): done once its prompt is scored."""
+        now = time.monotonic()
+        self.scheduler.finish(seq, "length")
+        self._on_finish(seq, now)
+        return SequenceDelta(seq.request_id, seq.index, [], "", [], "length", len(seq.prompt_ids), 0,
+                             prompt_logprobs=seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None)
 
     def _update(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SequenceDelta]:
         tokens, logprobs = self.sampler(logits, seqs)
@@ -102,8 +130,10 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self._on_finish(seq, now)
+            first = len(seq.output_ids) == 1 and seq.params.prompt_logprobs is not None
             deltas.append(SequenceDelta(seq.request_id, seq.index, [tok], text, [lp] if lp else [],
-                                        reason, len(seq.prompt_ids), len(seq.output_ids)))
+                                        reason, len(seq.prompt_ids), len(seq.output_ids),
+                                        prompt_logprobs=seq.prompt_logprobs if first else None))
         return deltas
 
     def _finish_reason(self, seq: Sequence, tok: int) -> str | None:

@@ -10,7 +10,7 @@ only when a KV-cache slot is free (admission by memory: a slot holds a whole seq
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,8 +22,13 @@ from neox_runtime.serve.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledStep:
     plan: StepPlan
-    sampled: list[Sequence]  # aligned with plan.sample_rows
+    sampled: list[Sequence]  # aligned with the first len(sampled) of plan.sample_rows
     computed: list[tuple[Sequence, int]]  # (sequence, tokens whose K/V this step writes)
+    # Prompt logprobs: (sequence, index of its first prompt token scored, rows) for rows of
+    # plan.sample_rows after the sampled ones, in order; row j scores prompt token first + j.
+    scored: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    # Sequences whose prompt is complete and that generate nothing (max_tokens=0, echo only).
+    prompt_only: list[Sequence] = field(default_factory=list)
 
 
 class Scheduler:
@@ -76,7 +81,7 @@ class Scheduler:
         sample_rows = list(range(len(decoding)))
         sampled = list(decoding)
         computed = [(s, 1) for s in decoding]
-        prefill = []
+        prefill, prompt_rows, scored, prompt_only = [], [], [], []
         for s, start, n in chunks:
             row = len(ids)
             ids += s.prompt_ids[start:start + n]
@@ -84,13 +89,22 @@ class Scheduler:
             slots += [s.slot] * n
             prefill.append(PrefillChunk(row=row, slot=s.slot, start=start, length=n))
             computed.append((s, n))
-            if start + n == len(s.prompt_ids):
+            done = start + n == len(s.prompt_ids)
+            if s.params.prompt_logprobs is not None:
+                # The logits at position p score prompt token p + 1; the last position's
+                # logits predict the first generated token and are sampled instead.
+                count = n - 1 if done else n
+                prompt_rows += range(row, row + count)
+                scored.append((s, start + 1, count))
+            if done and s.params.max_tokens == 0:
+                prompt_only.append(s)
+            elif done:
                 sample_rows.append(row + n - 1)
                 sampled.append(s)
         plan = StepPlan(token_ids=torch.tensor(ids, dtype=torch.long), positions=torch.tensor(pos, dtype=torch.long),
                         slots=torch.tensor(slots, dtype=torch.long), num_decode=len(decoding), prefill=prefill,
-                        sample_rows=torch.tensor(sample_rows, dtype=torch.long))
-        return ScheduledStep(plan, sampled, computed)
+                        sample_rows=torch.tensor(sample_rows + prompt_rows, dtype=torch.long))
+        return ScheduledStep(plan, sampled, computed, scored, prompt_only)
 
     def record_computed(self, step: ScheduledStep) -> None:
         for s, n in step.computed:

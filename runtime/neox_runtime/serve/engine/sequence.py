@@ -30,6 +30,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None = off; k >= 0 top alternatives per token
+    prompt_logprobs: int | None = None  # None = off; else logprobs of the prompt's tokens, k alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     watermark: bool = False
 
@@ -51,8 +52,8 @@ class SequenceStatus(enum.Enum):
 @dataclass
 class TokenLogprob:
     token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, logprob), best first
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
+    top: list[tuple[int, float]] | None  # (token id, logprob), best first
 
 
 @dataclass(eq=False)
@@ -72,6 +73,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     first_token_time: float | None = None
     last_token_time: float | None = None
 
@@ -104,3 +106,4 @@ class SequenceDelta:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a sequence's first delta, when asked for
