@@ -1,7 +1,8 @@
-"""kopf wiring: watch events feed a coalescing work queue; workers reconcile by key.
+"""kopf wiring: watch events feed coalescing work queues; workers reconcile by key.
 
-Every event — on a NeoXTraining, one of its Jobs or Pods — only enqueues the training's
-key, and the same reconcile runs for all of them and for the periodic resync, so what
+Every event — on a NeoXTraining, one of its Jobs or Pods; on a NeoXServing or one of its
+Deployments — only enqueues the resource's key (each kind has its own queue), and the
+same reconcile runs for all of them and for the periodic resync, so what
 happens depends on the current state alone. Per key, at most one reconcile runs at a
 time (a key that changes meanwhile is run again afterwards). kopf timers are not used
 for the resync: they put a finalizer on every object (one more write, and deletion
@@ -22,7 +23,7 @@ import kubernetes
 
 from neox_runtime.api import names
 
-from . import kubeio, metrics
+from . import kubeio, metrics, serving
 from .reconcile import reconcile
 
 log = logging.getLogger("neox_operator")
@@ -64,6 +65,7 @@ class Queue:
 
 
 _queue: Queue | None = None
+_serving_queue: Queue | None = None
 _client: kubeio.Client | None = None
 _tasks: list[asyncio.Task] = []
 
@@ -80,13 +82,16 @@ def _api_client() -> kubernetes.client.ApiClient:
 
 @kopf.on.startup(id="configure")
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-    global _queue, _client
+    global _queue, _serving_queue, _client
     settings.posting.enabled = False  # our own Events, one per decision
     settings.watching.server_timeout = 600
     settings.networking.request_timeout = 60
-    _queue, _client = Queue(), kubeio.Client(_api_client())
-    _tasks.extend(asyncio.create_task(_worker(_queue, _client)) for _ in range(CONFIG.workers))
+    _queue, _serving_queue, _client = Queue(), Queue(), kubeio.Client(_api_client())
+    _tasks.extend(asyncio.create_task(_worker(_queue, _client, reconcile_key, KIND)) for _ in range(CONFIG.workers))
+    _tasks.extend(asyncio.create_task(_worker(_serving_queue, _client, reconcile_serving_key, serving.KIND))
+                  for _ in range(max(CONFIG.workers // 4, 1)))
     _tasks.append(asyncio.create_task(_resync(_queue)))
+    _tasks.append(asyncio.create_task(_resync(_serving_queue)))
     log.info("Operator started", extra={"workers": CONFIG.workers, "resync_seconds": CONFIG.resync_seconds})
 
 
@@ -124,6 +129,21 @@ async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
     _queue.add(key)
 
 
+@kopf.on.event(names.GROUP, "v1alpha1", "neoxservings", id="serving-changed")
+async def serving_changed(event: kopf.RawEvent, name: str, namespace: str, **_: Any) -> None:
+    key = (namespace, name)
+    if event["type"] == "DELETED":
+        _serving_queue.known.discard(key)
+        return
+    _serving_queue.known.add(key)
+    _serving_queue.add(key)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={names.LABEL_SERVING: kopf.PRESENT}, id="deployment-changed")
+async def deployment_changed(labels: kopf.Labels, namespace: str, **_: Any) -> None:
+    _serving_queue.add((namespace, labels[names.LABEL_SERVING]))
+
+
 @kopf.on.event("", "v1", "nodes", id="node-changed")
 async def node_changed(name: str, status: kopf.Status, **_: Any) -> None:
     """A node that stops being Ready is noticed at once, not at the next resync."""
@@ -143,22 +163,22 @@ async def _resync(queue: Queue) -> None:
             queue.add(key)
 
 
-async def _worker(queue: Queue, client: kubeio.Client) -> None:
+async def _worker(queue: Queue, client: kubeio.Client, reconcile_fn, kind: str) -> None:
     while True:
         key = await queue.pending.get()
         queue.queued.discard(key)
         queue.running.add(key)
         try:
-            delay = await asyncio.to_thread(reconcile_key, client, key)
+            delay = await asyncio.to_thread(reconcile_fn, client, key)
             queue.failures.pop(key, None)
         except kubeio.Retry as retry:
-            log.warning("Reconcile will be retried", extra={"training": key, "reason": str(retry)})
+            log.warning("Reconcile will be retried", extra={"kind": kind, "key": key, "reason": str(retry)})
             delay = retry.delay
         except Exception as error:  # noqa: BLE001 - logged, counted and retried with backoff
             failures = queue.failures[key] = queue.failures.get(key, 0) + 1
             delay = min(CONFIG.error_backoff_seconds * 2 ** (failures - 1), 300)
-            metrics.ERRORS.labels(kind=KIND, error=type(error).__name__).inc()
-            log.exception("Reconcile failed", extra={"training": key, "retry_in": delay})
+            metrics.ERRORS.labels(kind=kind, error=type(error).__name__).inc()
+            log.exception("Reconcile failed", extra={"kind": kind, "key": key, "retry_in": delay})
         finally:
             queue.running.discard(key)
         if key in queue.dirty:
@@ -188,4 +208,23 @@ def reconcile_key(client: kubeio.Client, key: tuple[str, str]) -> float | None:
         log.info("Reconciled NeoXTraining", extra={
             "namespace": namespace, "training": name, "writes": writes, "phase": decision.status.get("phase"),
             "actions": [str(a) for a in decision.actions], "requeue_after": decision.requeue_after})
+    return decision.requeue_after
+
+
+def reconcile_serving_key(client: kubeio.Client, key: tuple[str, str]) -> float | None:
+    namespace, name = key
+    started = time.monotonic()
+    metrics.RECONCILES.labels(kind=serving.KIND).inc()
+    try:
+        observed = kubeio.observe_serving(client, namespace, name, datetime.now(timezone.utc))
+        if observed is None:
+            return None
+        decision = serving.reconcile(observed)
+        writes = kubeio.apply(client, observed, decision)
+    finally:
+        metrics.DURATION.labels(kind=serving.KIND).observe(time.monotonic() - started)
+    if writes:
+        log.info("Reconciled NeoXServing", extra={
+            "namespace": namespace, "serving": name, "writes": writes, "phase": decision.status.get("phase"),
+            "actions": [str(a) for a in decision.actions]})
     return decision.requeue_after

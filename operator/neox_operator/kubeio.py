@@ -22,7 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from neox_runtime.api import names
 
-from . import metrics
+from . import metrics, serving
 from .diff import Action, status_patch
 from .reconcile import Decision, Observed
 
@@ -38,8 +38,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
     "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
     "NeoXTraining": (f"/apis/{names.GROUP}/v1alpha1", "neoxtrainings"),
+    "NeoXServing": (f"/apis/{names.GROUP}/v1alpha1", "neoxservings"),
 }
 NODE_CACHE_SECONDS = 3.0
 
@@ -140,8 +142,8 @@ class Client:
                 raise Retry(f"Conflict on {action}", 1) from error
             raise
 
-    def patch_status(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.request("PATCH", f"{_path('NeoXTraining', namespace)}/{name}/status",
+    def patch_status(self, namespace: str, name: str, patch: dict[str, Any], kind: str = "NeoXTraining") -> None:
+        self.request("PATCH", f"{_path(kind, namespace)}/{name}/status",
                      [("fieldManager", FIELD_MANAGER)], {"status": patch}, "application/merge-patch+json")
 
     def event(self, body: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> None:
@@ -228,20 +230,33 @@ def _ready(node: dict[str, Any]) -> bool:
     return False
 
 
-def apply(client: Client, observed: Observed, decision: Decision) -> int:
+def observe_serving(client: Client, namespace: str, name: str, now: datetime) -> serving.Observed | None:
+    body = client.get("NeoXServing", namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    children = {}
+    for kind, child in (("Service", names.serving_service(name)), ("ConfigMap", serving.safety_config_name(name))):
+        obj = client.get(kind, namespace, child)
+        if obj is not None:
+            children[(kind, child)] = obj
+    deployments = client.list("Deployment", namespace, f"{names.LABEL_SERVING}={name}")
+    return serving.Observed(body=body, children=children, deployments=deployments, now=now)
+
+
+def apply(client: Client, observed: Observed | serving.Observed, decision: Decision) -> int:
     """Perform the decision's writes; returns how many were made."""
     meta = observed.body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
+    namespace, name, kind = meta["namespace"], meta["name"], observed.body.get("kind", "NeoXTraining")
     patch = status_patch(decision.status, observed.body.get("status") or {})
     writes = 0
     if patch and decision.status_first:
-        client.patch_status(namespace, name, patch)
+        client.patch_status(namespace, name, patch, kind)
         writes += 1
     for action in decision.actions:
         client.write(namespace, action)
         writes += 1
     if patch and not decision.status_first:
-        client.patch_status(namespace, name, patch)
+        client.patch_status(namespace, name, patch, kind)
         writes += 1
     for type_, reason, message in decision.events:
         try:  # Events are a record, not state: losing one must not fail the reconcile

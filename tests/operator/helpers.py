@@ -95,12 +95,12 @@ class OperatorProcess:
         return self.metric("neox_operator_api_writes_total")
 
 
-def status(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
-    return kube.get("neoxtraining", name, namespace).get("status") or {}
+def status(kube: Kube, namespace: str, name: str, kind: str = "neoxtraining") -> dict[str, Any]:
+    return kube.get(kind, name, namespace).get("status") or {}
 
 
-def condition(kube: Kube, namespace: str, name: str, type_: str) -> dict[str, Any]:
-    return next((c for c in status(kube, namespace, name).get("conditions", []) if c["type"] == type_), {})
+def condition(kube: Kube, namespace: str, name: str, type_: str, kind: str = "neoxtraining") -> dict[str, Any]:
+    return next((c for c in status(kube, namespace, name, kind).get("conditions", []) if c["type"] == type_), {})
 
 
 def condition_is(kube: Kube, namespace: str, name: str, type_: str, value: str = "True") -> dict | None:
@@ -124,6 +124,6 @@ def pod_index(pod: dict[str, Any]) -> int:
     return int(pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"])
 
 
-def events(kube: Kube, namespace: str) -> list[dict[str, Any]]:
+def events(kube: Kube, namespace: str, kind: str = "NeoXTraining") -> list[dict[str, Any]]:
     out = kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
-    return [e for e in json.loads(out)["items"] if e["involvedObject"]["kind"] == "NeoXTraining"]
+    return [e for e in json.loads(out)["items"] if e["involvedObject"]["kind"] == kind]

@@ -52,9 +52,19 @@ def test_failed_training_message_names_the_failure():
     assert health("NeoXTraining", obj) == {"status": "Degraded", "message": "pod x-a3-1 (index 1) exited with code 137"}
 
 
-def test_serving_health():
-    ready = {"metadata": {"generation": 3}, "status": {"observedGeneration": 3, "conditions": [
-        {"type": "Ready", "status": "True", "message": "2/2 replicas ready"}]}}
-    assert health("NeoXServing", ready)["status"] == "Healthy"
-    ready["status"]["conditions"][0].update(status="False", reason="RolloutAborted")
-    assert health("NeoXServing", ready)["status"] == "Degraded"
+def _serving(ready: tuple[str, str], progressing: tuple[str, str], generation: int = 3, observed: int = 3):
+    return {"metadata": {"generation": generation}, "status": {"observedGeneration": observed, "conditions": [
+        {"type": "Ready", "status": ready[0], "reason": ready[1], "message": f"ready {ready[1]}"},
+        {"type": "Progressing", "status": progressing[0], "reason": progressing[1], "message": "rolling"}]}}
+
+
+@pytest.mark.parametrize("obj, expected", [
+    (_serving(("True", "Available"), ("False", "Complete")), "Healthy"),
+    (_serving(("True", "RollingOut"), ("True", "RollingOut")), "Progressing"),
+    (_serving(("False", "NoReadyReplicas"), ("True", "RollingOut")), "Progressing"),
+    (_serving(("False", "InvalidSpec"), ("False", "Complete")), "Degraded"),
+    (_serving(("False", "NotImplemented"), ("False", "Complete")), "Degraded"),
+    (_serving(("True", "Available"), ("False", "Complete"), generation=4), "Progressing"),
+])
+def test_serving_health(obj, expected):
+    assert health("NeoXServing", obj)["status"] == expected
