@@ -67,6 +67,7 @@ class Queue:
 _queue: Queue | None = None
 _serving_queue: Queue | None = None
 _client: kubeio.Client | None = None
+_servings_of_training: dict[tuple[str, str], set[tuple[str, str]]] = {}  # servings with model.fromTraining
 _tasks: list[asyncio.Task] = []
 
 
@@ -110,6 +111,8 @@ async def training_changed(event: kopf.RawEvent, name: str, namespace: str, **_:
         return
     _queue.known.add(key)
     _queue.add(key)
+    for serving_key in _servings_of_training.get(key, ()):  # a new checkpoint may start a revision
+        _serving_queue.add(serving_key)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={names.LABEL_TRAINING: kopf.PRESENT}, id="job-changed")
@@ -130,11 +133,16 @@ async def pod_changed(event: kopf.RawEvent, labels: kopf.Labels, namespace: str,
 
 
 @kopf.on.event(names.GROUP, "v1alpha1", "neoxservings", id="serving-changed")
-async def serving_changed(event: kopf.RawEvent, name: str, namespace: str, **_: Any) -> None:
+async def serving_changed(event: kopf.RawEvent, name: str, namespace: str, spec: kopf.Spec, **_: Any) -> None:
     key = (namespace, name)
+    for servings in _servings_of_training.values():
+        servings.discard(key)
     if event["type"] == "DELETED":
         _serving_queue.known.discard(key)
         return
+    training = ((spec.get("model") or {}).get("fromTraining") or {}).get("name")
+    if training:
+        _servings_of_training.setdefault((namespace, training), set()).add(key)
     _serving_queue.known.add(key)
     _serving_queue.add(key)
 

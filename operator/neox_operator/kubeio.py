@@ -240,7 +240,9 @@ def observe_serving(client: Client, namespace: str, name: str, now: datetime) ->
         if obj is not None:
             children[(kind, child)] = obj
     deployments = client.list("Deployment", namespace, f"{names.LABEL_SERVING}={name}")
-    return serving.Observed(body=body, children=children, deployments=deployments, now=now)
+    source = ((body.get("spec") or {}).get("model") or {}).get("fromTraining") or {}
+    training = client.get("NeoXTraining", namespace, source["name"]) if source.get("name") else None
+    return serving.Observed(body=body, children=children, deployments=deployments, now=now, training=training)
 
 
 def apply(client: Client, observed: Observed | serving.Observed, decision: Decision) -> int:

@@ -8,10 +8,15 @@ revision's Deployment is created at the full replica count next to the old ones,
 keep serving; once every new replica is ready the old revisions are deleted. The Service
 selects every revision, so traffic moves with ready replicas and nothing is dropped.
 
+The model comes from a claim holding a Hugging Face directory (`model.volume`), or from a
+NeoXTraining's checkpoint (`model.fromTraining`): an init container converts that
+checkpoint (`neox-convert`) into the pod's own scratch volume, reading the tokenizer
+where the training left it. The checkpoint's step is part of the revision, so with
+`follow: true` each new checkpoint the training reports rolls out like any other change;
+without it the step first served stays pinned across spec changes.
+
 Not implemented yet, and said so in the `SpecHonored` condition rather than ignored:
-autoscaling (replicas follow `spec.replicas`), Canary steps (run as Rolling) and
-`model.fromTraining` (refused with `Ready=False`; serve a converted checkpoint from a
-volume instead).
+autoscaling (replicas follow `spec.replicas`) and Canary steps (run as Rolling).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from neox_runtime.api import names
+from neox_runtime.api import contract, names
 from neox_runtime.api.serving import NeoXServingSpec
 
 from .conditions import FALSE, TRUE, Cond, merge
@@ -37,6 +42,8 @@ MODEL_MOUNT = "/model"
 API_KEYS_MOUNT = "/var/run/secrets/neox/api-keys"
 WATERMARK_MOUNT = "/var/run/secrets/neox/watermark"
 SAFETY_MOUNT = "/etc/neox/safety"
+CHECKPOINT_ANNOTATION = f"{names.GROUP}/checkpoint"  # on a revision's Deployment: the step it serves
+CONVERT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # neox-convert --dtype
 DRAIN_GRACE_SECONDS = 30
 CONDITION_TYPES = ("Ready", "Progressing", "SpecHonored")
 
@@ -50,6 +57,22 @@ class Owner:
     def reference(self) -> dict[str, Any]:
         return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
                 "controller": True, "blockOwnerDeletion": True}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the pods get the model: a Hugging Face directory on a claim, or a training's checkpoint."""
+
+    claim: str  # the model's claim, or the training's checkpoint claim
+    path: str = ""  # model.volume: the directory inside the claim
+    checkpoint_step: int | None = None  # model.fromTraining: the step converted at pod start
+    data_claim: str | None = None  # model.fromTraining: the training's data volume (its tokenizer)
+
+    @property
+    def model_dir(self) -> str:
+        if self.checkpoint_step is not None:
+            return f"{MODEL_MOUNT}/hf"
+        return f"{MODEL_MOUNT}/{self.path.strip('/')}".rstrip("/")
 
 
 def labels(owner: Owner, component: str, revision: str | None = None) -> dict[str, str]:
@@ -70,11 +93,11 @@ def url(owner: Owner) -> str:
 
 
 def _child(api_version: str, kind: str, name: str, owner: Owner, component: str, revision: str | None = None,
-           **body: Any) -> dict[str, Any]:
+           annotations: dict[str, str] | None = None, **body: Any) -> dict[str, Any]:
     metadata = {"name": name, "namespace": owner.namespace, "labels": labels(owner, component, revision),
                 "ownerReferences": [owner.reference()]}
     manifest = {"apiVersion": api_version, "kind": kind, "metadata": metadata, **body}
-    metadata["annotations"] = {HASH_ANNOTATION: rendered_hash(manifest)}
+    metadata["annotations"] = {**(annotations or {}), HASH_ANNOTATION: rendered_hash(manifest)}
     return manifest
 
 
@@ -98,11 +121,10 @@ def safety_config(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any] | None:
                   data={"blocklist.txt": "".join(f"{term}\n" for term in mod.blocklist)})
 
 
-def server_command(owner: Owner, spec: NeoXServingSpec) -> list[str]:
+def server_command(owner: Owner, spec: NeoXServingSpec, source: Source) -> list[str]:
     rt, safety = spec.runtime, spec.safety
-    path = spec.model.volume.path.strip("/") if spec.model.volume else ""
-    cmd = ["neox-serve", "--model", f"{MODEL_MOUNT}/{path}".rstrip("/"), "--host", "0.0.0.0", "--port", str(PORT),
-           "--served-model-name", spec.model.served_name or owner.name, "--device", "cuda",
+    cmd = ["neox-serve", "--model", source.model_dir, "--host", "0.0.0.0", "--port", str(PORT),
+           "--served-model-name", spec.model.served_name or owner.name, "--device", rt.device,
            "--tensor-parallel", str(rt.tensor_parallel), "--dtype", rt.dtype,
            "--max-num-seqs", str(rt.max_batch_size), "--max-model-len", str(rt.max_sequence_length),
            "--max-tokens-cap", str(rt.max_new_tokens), "--drain-grace-seconds", str(DRAIN_GRACE_SECONDS),
@@ -125,12 +147,28 @@ def server_command(owner: Owner, spec: NeoXServingSpec) -> list[str]:
     return cmd
 
 
-def _volumes(owner: Owner, spec: NeoXServingSpec) -> tuple[list[dict], list[dict]]:
-    volumes = [{"name": "model", "persistentVolumeClaim": {"claimName": spec.model.volume.claim_name,
-                                                           "readOnly": True}},
-               {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}}]
-    mounts = [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True},
-              {"name": "shm", "mountPath": "/dev/shm"}]
+def _source_volumes(source: Source) -> tuple[list[dict], list[dict]]:
+    """The model's volumes, and the mounts of whichever container reads the model's source."""
+    if source.checkpoint_step is None:
+        return ([{"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}],
+                [{"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}])
+    # Mounted where the training's pods had them, so the paths its config recorded resolve.
+    volumes = [{"name": "checkpoints", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}},
+               {"name": "model", "emptyDir": {}}]
+    mounts = [{"name": "checkpoints", "mountPath": contract.CHECKPOINT_MOUNT, "readOnly": True},
+              {"name": "model", "mountPath": MODEL_MOUNT}]
+    if source.data_claim:
+        volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": source.data_claim, "readOnly": True}})
+        mounts.append({"name": "data", "mountPath": contract.DATA_MOUNT, "readOnly": True})
+    return volumes, mounts
+
+
+def _volumes(owner: Owner, spec: NeoXServingSpec, source: Source) -> tuple[list[dict], list[dict]]:
+    volumes, mounts = _source_volumes(source)
+    if source.checkpoint_step is not None:  # the server reads only the converted directory
+        mounts = [m for m in mounts if m["name"] == "model"]
+    volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
+    mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     if spec.auth.enabled:
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.auth.api_keys_secret}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
@@ -146,15 +184,17 @@ def _volumes(owner: Owner, spec: NeoXServingSpec) -> tuple[list[dict], list[dict
 def _resources(spec: NeoXServingSpec) -> dict[str, Any]:
     res, gpus = spec.resources, str(spec.runtime.tensor_parallel)
     requests = {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
+    if spec.runtime.device == "cpu":
+        return {"requests": requests} if requests else {}
     return {"requests": {**requests, res.gpu_resource_name: gpus}, "limits": {res.gpu_resource_name: gpus}}
 
 
-def pod_template(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any]:
+def pod_template(owner: Owner, spec: NeoXServingSpec, source: Source) -> dict[str, Any]:
     """What the revision hash covers: everything of the pods except the revision label itself."""
-    volumes, mounts = _volumes(owner, spec)
+    volumes, mounts = _volumes(owner, spec, source)
     container = {
         "name": "server", "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
-        "command": server_command(owner, spec),
+        "command": server_command(owner, spec, source),
         "ports": [{"name": "http", "containerPort": PORT}],
         "resources": _resources(spec), "volumeMounts": mounts,
         # /ready turns 503 while draining; /health fails when tokens stop coming while work is pending.
@@ -164,19 +204,29 @@ def pod_template(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any]:
     }
     safety = safety_config(owner, spec)
     annotations = {f"{names.GROUP}/safety-config": rendered_hash(safety)} if safety else {}
-    return {"metadata": {"labels": labels(owner, "server"), "annotations": annotations},
-            "spec": {"containers": [container], "volumes": volumes,
-                     "terminationGracePeriodSeconds": DRAIN_GRACE_SECONDS + 15, **scheduling_fields(spec)}}
+    pod: dict[str, Any] = {"containers": [container], "volumes": volumes,
+                           "terminationGracePeriodSeconds": DRAIN_GRACE_SECONDS + 15, **scheduling_fields(spec)}
+    if source.checkpoint_step is not None:
+        pod["initContainers"] = [{
+            "name": "convert", "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
+            "command": ["neox-convert", "to-hf", contract.CHECKPOINT_MOUNT, source.model_dir,
+                        "--tag", contract.checkpoint_tag(source.checkpoint_step),
+                        "--dtype", CONVERT_DTYPES[spec.runtime.dtype]],
+            "volumeMounts": _source_volumes(source)[1],
+        }]
+    return {"metadata": {"labels": labels(owner, "server"), "annotations": annotations}, "spec": pod}
 
 
-def revision(owner: Owner, spec: NeoXServingSpec) -> str:
-    return names.revision_hash(json.dumps(pod_template(owner, spec), sort_keys=True))
+def revision(owner: Owner, spec: NeoXServingSpec, source: Source) -> str:
+    return names.revision_hash(json.dumps(pod_template(owner, spec, source), sort_keys=True))
 
 
-def deployment(owner: Owner, spec: NeoXServingSpec, rev: str, replicas: int) -> dict[str, Any]:
-    template = pod_template(owner, spec)
+def deployment(owner: Owner, spec: NeoXServingSpec, source: Source, rev: str, replicas: int) -> dict[str, Any]:
+    template = pod_template(owner, spec, source)
     template["metadata"]["labels"][names.LABEL_REVISION] = rev
-    return _child("apps/v1", "Deployment", names.serving_deployment(owner.name, rev), owner, "server", rev, spec={
+    step = source.checkpoint_step
+    return _child("apps/v1", "Deployment", names.serving_deployment(owner.name, rev), owner, "server", rev,
+                  annotations=None if step is None else {CHECKPOINT_ANNOTATION: f"step-{step}"}, spec={
         "replicas": replicas,
         "selector": {"matchLabels": {names.LABEL_SERVING: owner.name, names.LABEL_REVISION: rev}},
         # Within a revision pods differ by nothing; surge so a deleted pod is replaced before it goes.
@@ -192,6 +242,35 @@ class Observed:
     children: dict[tuple[str, str], dict[str, Any]]  # Service and ConfigMap found, by (kind, name)
     deployments: list[dict[str, Any]]  # every Deployment labelled as this serving's
     now: datetime
+    training: dict[str, Any] | None = None  # the NeoXTraining of model.fromTraining, when it exists
+
+
+def _checkpoint_of(dep: dict[str, Any]) -> int | None:
+    value = (dep["metadata"].get("annotations") or {}).get(CHECKPOINT_ANNOTATION, "")
+    return int(value.removeprefix("step-")) if value.startswith("step-") else None
+
+
+def resolve_source(spec: NeoXServingSpec, obs: Observed) -> Source | Cond:
+    """The model source, or why there is none yet (a Ready=False condition)."""
+    if spec.model.volume is not None:
+        return Source(spec.model.volume.claim_name, spec.model.volume.path)
+    ft = spec.model.from_training
+    if obs.training is None:
+        return Cond("Ready", FALSE, "TrainingNotFound", f"NeoXTraining {ft.name} does not exist in this namespace")
+    training_spec = obs.training.get("spec") or {}
+    latest = ((obs.training.get("status") or {}).get("latestCheckpoint") or {}).get("step")
+    if ft.checkpoint.startswith("step-"):
+        step = int(ft.checkpoint.removeprefix("step-"))
+    else:
+        # Not following: keep serving the step the current revision serves (the latest when it began).
+        current = (obs.body.get("status") or {}).get("currentRevision")
+        pinned = next((_checkpoint_of(d) for d in obs.deployments if _revision_of(d) == current), None)
+        step = latest if ft.follow or pinned is None else pinned
+    if step is None:
+        return Cond("Ready", FALSE, "NoCheckpoint", f"waiting for NeoXTraining {ft.name} to report a checkpoint")
+    claim = (training_spec.get("checkpoint") or {}).get("existingClaim") or names.training_checkpoints(ft.name)
+    data_claim = ((training_spec.get("data") or {}).get("volume") or {}).get("claimName")
+    return Source(claim, checkpoint_step=int(step), data_claim=data_claim)
 
 
 def _revision_of(dep: dict[str, Any]) -> str:
@@ -238,10 +317,9 @@ def reconcile(obs: Observed) -> Decision:
         spec = NeoXServingSpec.model_validate(obs.body.get("spec") or {})
     except ValidationError as error:  # the API server validates too; this catches what only Python checks
         return finish([Cond("Ready", FALSE, "InvalidSpec", str(error)[:1024])], "Failed")
-    if spec.model.volume is None:
-        return finish([Cond("Ready", FALSE, "NotImplemented",
-                            "model.fromTraining is not implemented yet: convert the checkpoint with neox-convert "
-                            "and serve it with model.volume")], "Failed")
+    source = resolve_source(spec, obs)
+    if isinstance(source, Cond):  # nothing to run yet; revisions already running are left as they are
+        return finish([source], "Pending", url=url(owner), selector=selector(owner.name))
 
     desired = [m for m in (service(owner), safety_config(owner, spec)) if m is not None]
     decision.actions += child_actions(desired, obs.children)
@@ -249,10 +327,10 @@ def reconcile(obs: Observed) -> Decision:
     if safety_config(owner, spec) is None and stale_config in obs.children:
         decision.actions.append(Action("delete", *stale_config))
 
-    want, rev = spec.replicas, revision(owner, spec)
+    want, rev = spec.replicas, revision(owner, spec, source)
     current = next((d for d in obs.deployments if _revision_of(d) == rev), None)
     older = [d for d in obs.deployments if _revision_of(d) != rev and not d["metadata"].get("deletionTimestamp")]
-    decision.actions += child_actions([deployment(owner, spec, rev, want)], {} if current is None else {
+    decision.actions += child_actions([deployment(owner, spec, source, rev, want)], {} if current is None else {
         ("Deployment", current["metadata"]["name"]): current})
     done = current is not None and _rolled_out(current, want)
     if done:
@@ -273,6 +351,10 @@ def reconcile(obs: Observed) -> Decision:
                   "trafficPercent": round(100 * _ready(d) / ready_total) if ready_total else 0} for d in live]
     if current is None:
         revisions.insert(0, {"name": rev, "replicas": 0, "readyReplicas": 0, "trafficPercent": 0})
+    steps = {_revision_of(d): _checkpoint_of(d) for d in live} | {rev: source.checkpoint_step}
+    for entry in revisions:
+        if steps.get(entry["name"]) is not None:
+            entry["checkpoint"] = f"step-{steps[entry['name']]}"
     previous = old_status.get("currentRevision")
     serving_revision = rev if done else (previous if any(_revision_of(d) == previous for d in older) else None)
 

@@ -15,7 +15,7 @@ from neox_runtime.api import names
 from neox_runtime.api.serving import NeoXServingSpec
 from tests.cluster.kube import wait_for
 
-from .helpers import condition as _condition, events, status as _status
+from .helpers import condition as _condition, events, status as _status, training
 
 OWNER = serving.Owner("chat", "ml", "0b7c2a8e-1111-4222-8333-944455556666")
 
@@ -38,12 +38,15 @@ def spec_of(**spec) -> NeoXServingSpec:
 
 
 # ------------------------------------------------------------------ pure
+VOLUME = serving.Source("models", "pythia-70m")
+
+
 def test_server_command_carries_runtime_and_safety_settings():
     spec = spec_of(runtime={"tensorParallel": 2, "dtype": "float16", "maxNewTokens": 256},
                    auth={"enabled": True, "apiKeysSecret": "keys"}, rateLimit={"requestsPerMinute": 60},
                    safety={"maxPromptTokens": 1000, "moderation": {"enabled": True, "blocklist": ["a,b", "c"]},
                            "watermark": {"enabled": True, "secret": "wm"}})
-    cmd = serving.server_command(OWNER, spec)
+    cmd = serving.server_command(OWNER, spec, VOLUME)
     flags = dict(zip(cmd[1::2], cmd[2::2]))
     assert cmd[0] == "neox-serve" and flags["--model"] == "/model/pythia-70m"
     assert (flags["--tensor-parallel"], flags["--dtype"], flags["--max-tokens-cap"]) == ("2", "float16", "256")
@@ -52,42 +55,57 @@ def test_server_command_carries_runtime_and_safety_settings():
     assert flags["--max-prompt-tokens"] == "1000" and flags["--served-model-name"] == "chat"
     # A term with a comma survives: the blocklist travels as a file, not as a flag.
     assert serving.safety_config(OWNER, spec)["data"]["blocklist.txt"] == "a,b\nc\n"
-    template = serving.pod_template(OWNER, spec)
+    template = serving.pod_template(OWNER, spec, VOLUME)
     assert template["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert {v["name"] for v in template["spec"]["volumes"]} == {"model", "shm", "api-keys", "watermark", "safety"}
 
 
+def test_cpu_replicas_request_no_gpu():
+    spec = spec_of(runtime={"device": "cpu"}, resources={"cpu": "2"})
+    container = serving.pod_template(OWNER, spec, VOLUME)["spec"]["containers"][0]
+    assert container["resources"] == {"requests": {"cpu": "2"}}
+    assert container["command"][container["command"].index("--device") + 1] == "cpu"
+
+
 def test_revision_follows_the_pods_not_the_replica_count():
-    base = serving.revision(OWNER, spec_of())
-    assert serving.revision(OWNER, spec_of(replicas=5)) == base
-    assert serving.revision(OWNER, spec_of(runtime={"maxNewTokens": 64})) != base
-    assert serving.revision(OWNER, spec_of(safety={"moderation": {"enabled": True, "blocklist": ["x"]}})) != base
+    base = serving.revision(OWNER, spec_of(), VOLUME)
+    assert serving.revision(OWNER, spec_of(replicas=5), VOLUME) == base
+    assert serving.revision(OWNER, spec_of(runtime={"maxNewTokens": 64}), VOLUME) != base
+    assert serving.revision(OWNER, spec_of(safety={"moderation": {"enabled": True, "blocklist": ["x"]}}),
+                            VOLUME) != base
 
 
-def _observed(spec: dict, deployments: list[dict], old_status: dict | None = None) -> serving.Observed:
+def _observed(spec: dict, deployments: list[dict], old_status: dict | None = None,
+              training: dict | None = None) -> serving.Observed:
     body = {**manifest("chat", **spec), "status": old_status or {}}
     body["metadata"].update(namespace="ml", uid=OWNER.uid, generation=1)
-    return serving.Observed(body=body, children={}, deployments=deployments, now=datetime.now(timezone.utc))
+    return serving.Observed(body=body, children={}, deployments=deployments, now=datetime.now(timezone.utc),
+                            training=training)
 
 
-def _deployment(spec: dict, ready: int) -> dict:
+def _deployment(spec: dict, ready: int, source: serving.Source = VOLUME) -> dict:
     s = NeoXServingSpec.model_validate(manifest("chat", **spec)["spec"])
-    dep = serving.deployment(OWNER, s, serving.revision(OWNER, s), s.replicas)
+    dep = serving.deployment(OWNER, s, source, serving.revision(OWNER, s, source), s.replicas)
     dep["metadata"].update(generation=1, resourceVersion="1")
     dep["status"] = {"observedGeneration": 1, "replicas": s.replicas, "readyReplicas": ready,
                      "updatedReplicas": s.replicas}
     return dep
 
 
+def _conditions(decision) -> dict:
+    return {c["type"]: c for c in decision.status["conditions"]}
+
+
 def test_old_revision_serves_until_the_new_one_is_ready_then_goes():
     old = _deployment({}, ready=2)
     new_spec = {"runtime": {"maxNewTokens": 64}}
+    new_rev = serving.revision(OWNER, spec_of(**new_spec), VOLUME)
     starting = serving.reconcile(_observed(new_spec, [old]))
     assert [str(a) for a in starting.actions if a.kind == "Deployment"] == [
-        f"create Deployment/{names.serving_deployment('chat', serving.revision(OWNER, spec_of(**new_spec)))}"]
+        f"create Deployment/{names.serving_deployment('chat', new_rev)}"]
     assert starting.status["readyReplicas"] == 2 and starting.status["phase"] == "Progressing"
-    ready = {c["type"]: c for c in starting.status["conditions"]}["Ready"]
-    assert ready["status"] == "True" and ready["reason"] == "RollingOut"
+    assert (_conditions(starting)["Ready"]["status"], _conditions(starting)["Ready"]["reason"]) == ("True",
+                                                                                                  "RollingOut")
 
     half = serving.reconcile(_observed(new_spec, [old, _deployment(new_spec, ready=1)]))
     assert not any(a.verb == "delete" for a in half.actions)
@@ -95,17 +113,51 @@ def test_old_revision_serves_until_the_new_one_is_ready_then_goes():
 
     done = serving.reconcile(_observed(new_spec, [old, _deployment(new_spec, ready=2)]))
     assert [str(a) for a in done.actions if a.kind == "Deployment"] == [f"delete Deployment/{old['metadata']['name']}"]
-    assert done.status["currentRevision"] == serving.revision(OWNER, spec_of(**new_spec))
+    assert done.status["currentRevision"] == new_rev
     assert done.status["phase"] == "Ready" and ("Normal", "RolledOut") == done.events[0][:2]
 
 
 def test_unimplemented_features_are_reported_not_ignored():
-    decision = serving.reconcile(_observed({"autoscaling": {"enabled": True}}, []))
-    honored = {c["type"]: c for c in decision.status["conditions"]}["SpecHonored"]
+    honored = _conditions(serving.reconcile(_observed({"autoscaling": {"enabled": True}}, [])))["SpecHonored"]
     assert honored["status"] == "False" and "autoscaling is not implemented" in honored["message"]
-    trained = serving.reconcile(_observed({"model": {"fromTraining": {"name": "run"}}}, []))
-    ready = {c["type"]: c for c in trained.status["conditions"]}["Ready"]
-    assert ready["reason"] == "NotImplemented" and not trained.actions
+
+
+def _training(step: int | None, **spec) -> dict:
+    status = {"latestCheckpoint": {"step": step}} if step is not None else {}
+    return {"metadata": {"name": "run"}, "spec": {"data": {"path": "corpus", "volume": {"claimName": "pile"}},
+                                                   **spec}, "status": status}
+
+
+def test_from_training_converts_the_checkpoint_and_follow_rolls_out_each_new_one():
+    spec = {"model": {"fromTraining": {"name": "run", "follow": True}}, "runtime": {"dtype": "bfloat16"}}
+    assert _conditions(serving.reconcile(_observed(spec, [])))["Ready"]["reason"] == "TrainingNotFound"
+    waiting = serving.reconcile(_observed(spec, [], training=_training(None)))
+    assert _conditions(waiting)["Ready"]["reason"] == "NoCheckpoint" and not waiting.actions
+
+    first = serving.reconcile(_observed(spec, [], training=_training(40)))
+    dep = next(a.body for a in first.actions if a.kind == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["command"] == ["neox-convert", "to-hf", "/checkpoints", "/model/hf", "--tag", "global_step40",
+                               "--dtype", "bf16"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"checkpoints": names.training_checkpoints("run"), "data": "pile"}
+    assert pod["containers"][0]["command"][1:3] == ["--model", "/model/hf"]
+    assert dep["metadata"]["annotations"][serving.CHECKPOINT_ANNOTATION] == "step-40"
+    assert first.status["revisions"][0]["checkpoint"] == "step-40"
+
+    source40 = serving.Source(names.training_checkpoints("run"), checkpoint_step=40, data_claim="pile")
+    serving40 = _deployment(spec, ready=2, source=source40)
+    rev40 = serving.revision(OWNER, spec_of(**spec), source40)
+    later = serving.reconcile(_observed(spec, [serving40], {"currentRevision": rev40}, _training(80)))
+    created = [a.body for a in later.actions if a.verb == "create" and a.kind == "Deployment"]
+    assert [d["metadata"]["annotations"][serving.CHECKPOINT_ANNOTATION] for d in created] == ["step-80"]
+
+    pinned = {**spec, "model": {"fromTraining": {"name": "run"}}}  # follow: false keeps step 40
+    serving40 = _deployment(pinned, ready=2, source=source40)
+    rev40 = serving.revision(OWNER, spec_of(**pinned), source40)
+    stays = serving.reconcile(_observed(pinned, [serving40], {"currentRevision": rev40}, _training(80)))
+    assert not [a for a in stays.actions if a.kind == "Deployment"]
 
 
 # ------------------------------------------------------------ real cluster
@@ -154,3 +206,29 @@ def test_serving_lifecycle_scale_rollout_and_delete_keeps_the_model_claim(kube, 
     wait_for(lambda: not _deployments(kube, namespace, name), 60, what="Deployments collected")
     assert kube.kubectl("get", "service", name, "-n", namespace, check=False).returncode != 0
     assert kube.get("pvc", "models", namespace)["metadata"]["name"] == "models"
+
+
+@pytest.mark.cluster
+def test_serving_follows_a_trainings_checkpoints(kube, namespace, operator):
+    kube.apply(training("run", nodes=1), namespace)
+    kube.apply(manifest("live", model={"fromTraining": {"name": "run", "follow": True}}, replicas=1), namespace)
+    wait_for(lambda: condition(kube, namespace, "live", "Ready").get("reason") == "NoCheckpoint", 60,
+             what="waiting for a checkpoint")
+    assert not _deployments(kube, namespace, "live")
+
+    def report_checkpoint(step: int) -> None:  # what the runtime does after each save
+        kube.kubectl("patch", "neoxtraining", "run", "-n", namespace, "--subresource=status", "--type=merge",
+                     "-p", json.dumps({"status": {"latestCheckpoint": {"step": step}}}))
+
+    def serving_step() -> str | None:
+        st = status(kube, namespace, "live")
+        current = next((r for r in st.get("revisions", []) if r["name"] == st.get("currentRevision")), {})
+        return current.get("checkpoint")
+
+    report_checkpoint(10)
+    wait_for(lambda: serving_step() == "step-10", 60, what="step 10 served")
+    init = _deployments(kube, namespace, "live")[0]["spec"]["template"]["spec"]["initContainers"][0]
+    assert "global_step10" in init["command"]
+    report_checkpoint(20)
+    wait_for(lambda: serving_step() == "step-20", 60, what="step 20 rolled out")
+    wait_for(lambda: len(_deployments(kube, namespace, "live")) == 1, 60, what="step 10's revision deleted")

@@ -36,3 +36,8 @@ ENV_DS_ACCELERATOR = "DS_ACCELERATOR"
 
 # Field manager the runtime writes status with (the operator uses its own).
 RUNTIME_FIELD_MANAGER = "neox-runtime"
+
+
+def checkpoint_tag(step: int) -> str:
+    """The directory (DeepSpeed's tag) of the checkpoint of `step`, under the checkpoint volume's root."""
+    return f"global_step{step}"

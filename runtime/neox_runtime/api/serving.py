@@ -46,7 +46,9 @@ class ServedModelSpec(CRDModel):
 
 
 class ServingRuntime(CRDModel):
-    tensor_parallel: int = Field(1, ge=1, le=16, description="GPUs (ranks) each replica shards the model over.")
+    device: Literal["cuda", "cpu"] = Field(
+        "cuda", description="Where each replica computes: `cuda` requests `tensorParallel` GPUs, `cpu` none.")
+    tensor_parallel: int = Field(1, ge=1, le=16, description="Ranks each replica shards the model over (GPUs on cuda).")
     dtype: Literal["float16", "bfloat16", "float32"] = Field("bfloat16", description="Weight and activation dtype.")
     max_batch_size: int = Field(64, ge=1, le=4096, description="Sequences decoded together.")
     max_sequence_length: int = Field(2048, ge=16, le=1_048_576, description="Prompt plus generated tokens, per sequence.")

@@ -46,7 +46,7 @@ def status_patch(progress: Any, now: datetime | None = None) -> dict[str, Any]:
     if checkpoint_step is not None:
         checkpoint_time = getattr(progress, "latest_checkpoint_time", None)
         status["latestCheckpoint"] = {
-            "step": checkpoint_step, "path": f"{contract.CHECKPOINT_MOUNT}/global_step{checkpoint_step}",
+            "step": checkpoint_step, "path": f"{contract.CHECKPOINT_MOUNT}/{contract.checkpoint_tag(checkpoint_step)}",
             **({"time": _rfc3339(datetime.fromtimestamp(checkpoint_time, timezone.utc))}
                if checkpoint_time is not None else {}),
         }

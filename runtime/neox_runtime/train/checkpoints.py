@@ -14,12 +14,14 @@ import re
 import shutil
 from pathlib import Path
 
+from neox_runtime.api import contract
+
 LATEST = "latest"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
 def tag_for(step: int) -> str:
-    return f"global_step{step}"
+    return contract.checkpoint_tag(step)
 
 
 def step_of(tag: str) -> int:
