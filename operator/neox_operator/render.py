@@ -30,14 +30,15 @@ TERMINATION_GRACE_SECONDS = 600  # long enough to save a checkpoint on SIGTERM
 
 @dataclass(frozen=True)
 class Owner:
-    """The NeoXTraining the children belong to."""
+    """The custom resource (a NeoXTraining unless said otherwise) the children belong to."""
 
     name: str
     namespace: str
     uid: str
+    kind: str = "NeoXTraining"
 
     def reference(self) -> dict[str, Any]:
-        return {"apiVersion": API_VERSION, "kind": "NeoXTraining", "name": self.name,
+        return {"apiVersion": API_VERSION, "kind": self.kind, "name": self.name,
                 "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
 
 

@@ -34,7 +34,7 @@ from neox_runtime.api.serving import NeoXServingSpec
 from .conditions import FALSE, TRUE, Cond, merge
 from .diff import Action, child_actions
 from .reconcile import Decision
-from .render import API_VERSION, HASH_ANNOTATION, rendered_hash, scheduling_fields
+from .render import HASH_ANNOTATION, Owner, rendered_hash, scheduling_fields
 
 KIND = "NeoXServing"
 PORT = 8000
@@ -46,17 +46,6 @@ CHECKPOINT_ANNOTATION = f"{names.GROUP}/checkpoint"  # on a revision's Deploymen
 CONVERT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # neox-convert --dtype
 DRAIN_GRACE_SECONDS = 30
 CONDITION_TYPES = ("Ready", "Progressing", "SpecHonored")
-
-
-@dataclass(frozen=True)
-class Owner:
-    name: str
-    namespace: str
-    uid: str
-
-    def reference(self) -> dict[str, Any]:
-        return {"apiVersion": API_VERSION, "kind": KIND, "name": self.name, "uid": self.uid,
-                "controller": True, "blockOwnerDeletion": True}
 
 
 @dataclass(frozen=True)
@@ -303,7 +292,7 @@ def _unhonored(spec: NeoXServingSpec) -> list[str]:
 
 def reconcile(obs: Observed) -> Decision:
     meta = obs.body["metadata"]
-    owner = Owner(meta["name"], meta["namespace"], meta["uid"])
+    owner = Owner(meta["name"], meta["namespace"], meta["uid"], KIND)
     generation = meta.get("generation")
     old_status = obs.body.get("status") or {}
     decision = Decision()

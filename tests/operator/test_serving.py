@@ -17,7 +17,7 @@ from tests.cluster.kube import wait_for
 
 from .helpers import condition as _condition, events, status as _status, training
 
-OWNER = serving.Owner("chat", "ml", "0b7c2a8e-1111-4222-8333-944455556666")
+OWNER = serving.Owner("chat", "ml", "0b7c2a8e-1111-4222-8333-944455556666", serving.KIND)
 
 
 def status(kube, namespace: str, name: str) -> dict:
