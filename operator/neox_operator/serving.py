@@ -45,7 +45,6 @@ SAFETY_MOUNT = "/etc/neox/safety"
 CHECKPOINT_ANNOTATION = f"{names.GROUP}/checkpoint"  # on a revision's Deployment: the step it serves
 CONVERT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # neox-convert --dtype
 DRAIN_GRACE_SECONDS = 30
-CONDITION_TYPES = ("Ready", "Progressing", "SpecHonored")
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,27 @@ def test_server_command_carries_runtime_and_safety_settings():
     assert {v["name"] for v in template["spec"]["volumes"]} == {"model", "shm", "api-keys", "watermark", "safety"}
 
 
+def test_the_rendered_command_is_what_neox_serve_parses(tmp_path):
+    """The operator's flags against the server's own argument parser: no drift between the two."""
+    from neox_runtime.serve.cli import parse_args
+
+    (tmp_path / "key").write_text("wm-secret")
+    (tmp_path / "blocklist.txt").write_text("a,b\nc\n")
+    spec = spec_of(runtime={"tensorParallel": 2, "dtype": "float16", "maxBatchSize": 8, "maxNewTokens": 256},
+                   auth={"enabled": True, "apiKeysSecret": "keys"}, rateLimit={"tokensPerMinute": 9000},
+                   safety={"moderation": {"enabled": True, "blocklist": ["a,b", "c"], "systemPrompt": "Be kind."},
+                           "watermark": {"enabled": True, "secret": "wm", "gamma": 0.5}})
+    mounted = {f"{serving.WATERMARK_MOUNT}/key": str(tmp_path / "key"),
+               f"{serving.SAFETY_MOUNT}/blocklist.txt": str(tmp_path / "blocklist.txt")}
+    cfg = parse_args([mounted.get(arg, arg) for arg in serving.server_command(OWNER, spec, VOLUME)[1:]])
+    assert (cfg.engine.tensor_parallel, cfg.engine.dtype, cfg.engine.max_num_seqs) == (2, "float16", 8)
+    assert (cfg.engine.device, cfg.engine.served_model_name, cfg.port) == ("cuda", "chat", serving.PORT)
+    assert cfg.safety.blocklist == ("a,b", "c") and cfg.safety.system_prompt == "Be kind."
+    assert (cfg.safety.watermark_key, cfg.safety.watermark_gamma) == ("wm-secret", 0.5)
+    assert cfg.safety.tokens_per_minute == 9000 and cfg.safety.max_tokens_cap == 256
+    assert str(cfg.safety.api_keys_file) == serving.API_KEYS_MOUNT
+
+
 def test_cpu_replicas_request_no_gpu():
     spec = spec_of(runtime={"device": "cpu"}, resources={"cpu": "2"})
     container = serving.pod_template(OWNER, spec, VOLUME)["spec"]["containers"][0]
