@@ -39,6 +39,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
     "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
+    "HorizontalPodAutoscaler": ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
     "PodGroup": ("/apis/scheduling.x-k8s.io/v1alpha1", "podgroups"),
     "NeoXTraining": (f"/apis/{names.GROUP}/v1alpha1", "neoxtrainings"),
     "NeoXServing": (f"/apis/{names.GROUP}/v1alpha1", "neoxservings"),
@@ -235,7 +236,8 @@ def observe_serving(client: Client, namespace: str, name: str, now: datetime) ->
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     children = {}
-    for kind, child in (("Service", names.serving_service(name)), ("ConfigMap", serving.safety_config_name(name))):
+    for kind, child in (("Service", names.serving_service(name)), ("ConfigMap", serving.safety_config_name(name)),
+                        ("HorizontalPodAutoscaler", names.serving_autoscaler(name))):
         obj = client.get(kind, namespace, child)
         if obj is not None:
             children[(kind, child)] = obj

@@ -15,8 +15,14 @@ where the training left it. The checkpoint's step is part of the revision, so wi
 `follow: true` each new checkpoint the training reports rolls out like any other change;
 without it the step first served stays pinned across spec changes.
 
+Autoscaling is Kubernetes' own: with `autoscaling.enabled` the operator renders a
+HorizontalPodAutoscaler whose target is the NeoXServing's scale subresource and whose
+metric is the servers' `vllm:num_requests_running` per pod (served to the HPA by a
+metrics adapter as `vllm_num_requests_running`); the HPA sets `spec.replicas`, and the
+current revision follows it like any `kubectl scale`.
+
 Not implemented yet, and said so in the `SpecHonored` condition rather than ignored:
-autoscaling (replicas follow `spec.replicas`) and Canary steps (run as Rolling).
+Canary steps (run as Rolling) and scaling to zero (the HPA keeps at least one replica).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from neox_runtime.api.serving import NeoXServingSpec
 from .conditions import FALSE, TRUE, Cond, merge
 from .diff import Action, child_actions
 from .reconcile import Decision
-from .render import HASH_ANNOTATION, Owner, rendered_hash, scheduling_fields
+from .render import API_VERSION, HASH_ANNOTATION, Owner, rendered_hash, scheduling_fields
 
 KIND = "NeoXServing"
 PORT = 8000
@@ -45,6 +51,7 @@ SAFETY_MOUNT = "/etc/neox/safety"
 CHECKPOINT_ANNOTATION = f"{names.GROUP}/checkpoint"  # on a revision's Deployment: the step it serves
 CONVERT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # neox-convert --dtype
 DRAIN_GRACE_SECONDS = 30
+LOAD_METRIC = "vllm_num_requests_running"  # the HPA's name for the servers' vllm:num_requests_running
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,22 @@ def service(owner: Owner) -> dict[str, Any]:
         "selector": {names.LABEL_SERVING: owner.name, names.LABEL_COMPONENT: "server"},
         "ports": [{"name": "http", "port": PORT, "targetPort": "http"}],
     })
+
+
+def autoscaler(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any] | None:
+    """An HPA on the NeoXServing itself (its scale subresource), so scaling survives new revisions."""
+    auto = spec.autoscaling
+    if not auto.enabled:
+        return None
+    return _child("autoscaling/v2", "HorizontalPodAutoscaler", names.serving_autoscaler(owner.name), owner, "autoscaler",
+                  spec={
+                      "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name},
+                      "minReplicas": max(auto.min_replicas, 1), "maxReplicas": auto.max_replicas,
+                      "metrics": [{"type": "Pods", "pods": {
+                          "metric": {"name": LOAD_METRIC},
+                          "target": {"type": "AverageValue", "averageValue": str(auto.target_running_requests)}}}],
+                      "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_delay_seconds}},
+                  })
 
 
 def safety_config(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any] | None:
@@ -282,8 +305,8 @@ def _rolled_out(dep: dict[str, Any], want: int) -> bool:
 
 def _unhonored(spec: NeoXServingSpec) -> list[str]:
     notes = []
-    if spec.autoscaling.enabled:
-        notes.append("autoscaling is not implemented yet: replicas follow spec.replicas")
+    if spec.autoscaling.enabled and spec.autoscaling.min_replicas == 0:
+        notes.append("scaling to zero is not implemented yet: the autoscaler keeps at least 1 replica")
     if spec.rollout.strategy == "Canary":
         notes.append("Canary rollouts are not implemented yet: new revisions roll out as Rolling")
     return notes
@@ -309,11 +332,11 @@ def reconcile(obs: Observed) -> Decision:
     if isinstance(source, Cond):  # nothing to run yet; revisions already running are left as they are
         return finish([source], "Pending", url=url(owner), selector=selector(owner.name))
 
-    desired = [m for m in (service(owner), safety_config(owner, spec)) if m is not None]
+    optional = {("ConfigMap", safety_config_name(owner.name)): safety_config(owner, spec),
+                ("HorizontalPodAutoscaler", names.serving_autoscaler(owner.name)): autoscaler(owner, spec)}
+    desired = [service(owner)] + [m for m in optional.values() if m is not None]
     decision.actions += child_actions(desired, obs.children)
-    stale_config = ("ConfigMap", safety_config_name(owner.name))
-    if safety_config(owner, spec) is None and stale_config in obs.children:
-        decision.actions.append(Action("delete", *stale_config))
+    decision.actions += [Action("delete", *key) for key, m in optional.items() if m is None and key in obs.children]
 
     want, rev = spec.replicas, revision(owner, spec, source)
     current = next((d for d in obs.deployments if _revision_of(d) == rev), None)

@@ -139,8 +139,26 @@ def test_old_revision_serves_until_the_new_one_is_ready_then_goes():
 
 
 def test_unimplemented_features_are_reported_not_ignored():
-    honored = _conditions(serving.reconcile(_observed({"autoscaling": {"enabled": True}}, [])))["SpecHonored"]
-    assert honored["status"] == "False" and "autoscaling is not implemented" in honored["message"]
+    honored = _conditions(serving.reconcile(_observed({"rollout": {"strategy": "Canary", "canarySteps": [
+        {"weight": 50}]}}, [])))["SpecHonored"]
+    assert honored["status"] == "False" and "Canary rollouts are not implemented" in honored["message"]
+    assert _conditions(serving.reconcile(_observed({}, [])))["SpecHonored"]["status"] == "True"
+
+
+def test_autoscaling_is_an_hpa_on_the_servings_scale_subresource():
+    auto = {"enabled": True, "minReplicas": 0, "maxReplicas": 6, "targetRunningRequests": 24,
+            "scaleDownDelaySeconds": 120}
+    decision = serving.reconcile(_observed({"autoscaling": auto}, []))
+    hpa = next(a.body for a in decision.actions if a.kind == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "neox.dev/v1alpha1", "kind": "NeoXServing", "name": "chat"}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 6)  # no scale to zero, and it says so
+    assert hpa["spec"]["metrics"][0]["pods"] == {"metric": {"name": "vllm_num_requests_running"},
+                                                 "target": {"type": "AverageValue", "averageValue": "24"}}
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 120
+    assert "scaling to zero" in _conditions(decision)["SpecHonored"]["message"]
+    key = ("HorizontalPodAutoscaler", names.serving_autoscaler("chat"))
+    off = serving.reconcile(serving.Observed(**{**_observed({}, []).__dict__, "children": {key: hpa}}))
+    assert [str(a) for a in off.actions if a.kind == "HorizontalPodAutoscaler"] == [f"delete {key[0]}/{key[1]}"]
 
 
 def _training(step: int | None, **spec) -> dict:
@@ -212,6 +230,19 @@ def test_serving_lifecycle_scale_rollout_and_delete_keeps_the_model_claim(kube, 
     wait_for(lambda: status(kube, namespace, name).get("ready") == "3/3", 60, what="3 ready replicas")
     assert [d["metadata"]["name"] for d in _deployments(kube, namespace, name)] == [
         names.serving_deployment(name, first)]  # scaling is not a new revision
+
+    # Autoscaling: the controller-manager's HPA controller finds the NeoXServing's scale subresource.
+    kube.kubectl("patch", "neoxserving", name, "-n", namespace, "--type=merge", "-p", json.dumps(
+        {"spec": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 5}}}))
+
+    def hpa_condition(type_: str) -> dict:
+        hpa = kube.get("hpa", names.serving_autoscaler(name), namespace)
+        return next((c for c in hpa.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+    assert wait_for(lambda: hpa_condition("AbleToScale").get("status") == "True", 60, what="HPA able to scale")
+    kube.kubectl("patch", "neoxserving", name, "-n", namespace, "--type=merge", "-p", json.dumps(
+        {"spec": {"autoscaling": {"enabled": False}}}))
+    wait_for(lambda: kube.kubectl("get", "hpa", name, "-n", namespace, check=False).returncode != 0, 30,
+             what="HPA removed with autoscaling off")
 
     kube.kubectl("patch", "neoxserving", name, "-n", namespace, "--type=merge",
                  "-p", json.dumps({"spec": {"runtime": {"maxNewTokens": 128}}}))

@@ -60,6 +60,11 @@ def serving_deployment(name: str, revision: str) -> str:
     return f"{name}-{revision}"
 
 
+def serving_autoscaler(name: str) -> str:
+    """HorizontalPodAutoscaler whose target is the NeoXServing's scale subresource."""
+    return name
+
+
 def serving_pdb(name: str) -> str:
     return f"{name}-pdb"
 
