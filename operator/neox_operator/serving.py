@@ -21,13 +21,21 @@ metric is the servers' `vllm:num_requests_running` per pod (served to the HPA by
 metrics adapter as `vllm_num_requests_running`); the HPA sets `spec.replicas`, and the
 current revision follows it like any `kubectl scale`.
 
+Rollout strategy Canary moves replicas, and so traffic, in steps: at each step's weight
+the new revision gets that share of the replicas (at least one) and the previous revision
+the rest; once the step's new replicas are all ready its pause starts, and when the pause
+is over the next step begins (state in `status.canary`). Reverting the spec mid-canary
+makes the previous revision current again, which ends the canary.
+
 Not implemented yet, and said so in the `SpecHonored` condition rather than ignored:
-Canary steps (run as Rolling) and scaling to zero (the HPA keeps at least one replica).
+canary analysis (steps advance after their pause without checking error rate or latency)
+and scaling to zero (the HPA keeps at least one replica).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,7 +45,7 @@ from pydantic import ValidationError
 from neox_runtime.api import contract, names
 from neox_runtime.api.serving import NeoXServingSpec
 
-from .conditions import FALSE, TRUE, Cond, merge
+from .conditions import FALSE, TRUE, Cond, merge, parse_time, rfc3339
 from .diff import Action, child_actions
 from .reconcile import Decision
 from .render import API_VERSION, HASH_ANNOTATION, Owner, rendered_hash, scheduling_fields
@@ -307,9 +315,45 @@ def _unhonored(spec: NeoXServingSpec) -> list[str]:
     notes = []
     if spec.autoscaling.enabled and spec.autoscaling.min_replicas == 0:
         notes.append("scaling to zero is not implemented yet: the autoscaler keeps at least 1 replica")
-    if spec.rollout.strategy == "Canary":
-        notes.append("Canary rollouts are not implemented yet: new revisions roll out as Rolling")
+    if spec.rollout.strategy == "Canary" and spec.rollout.analysis is not None:
+        notes.append("canary analysis is not implemented yet: steps advance after their pause without checking "
+                     "error rate or latency")
     return notes
+
+
+@dataclass(frozen=True)
+class CanaryPlan:
+    replicas: int  # of the new revision at this step
+    state: dict[str, Any] | None  # status.canary to write; None once every step is done
+    wait: float | None = None  # seconds left in this step's pause
+    advanced_to: int | None = None  # weight of the step just entered, for the event
+
+
+def _step_replicas(weight: int, want: int) -> int:
+    return want if weight >= 100 else min(want, max(1, math.ceil(want * weight / 100)))
+
+
+def plan_canary(spec: NeoXServingSpec, rev: str, current: dict[str, Any] | None, previous: dict | None,
+                now: datetime, want: int) -> CanaryPlan:
+    """The new revision's replica count at this point of a Canary rollout, and the state to record."""
+    steps = spec.rollout.canary_steps or []
+    state = dict(previous) if previous and previous.get("revision") == rev else {"revision": rev, "step": 0}
+    index = state["step"]
+    if index >= len(steps):
+        return CanaryPlan(want, None)
+    replicas = _step_replicas(steps[index].weight, want)
+    if current is None or not _rolled_out(current, replicas):
+        return CanaryPlan(replicas, {**state, "stepStartedAt": None})
+    started = parse_time(state.get("stepStartedAt")) or now
+    state["stepStartedAt"] = rfc3339(started)
+    left = steps[index].pause_seconds - (now - started).total_seconds()
+    if left > 0 and replicas < want:
+        return CanaryPlan(replicas, state, wait=left)
+    if index + 1 >= len(steps) or replicas >= want:
+        return CanaryPlan(want, None)
+    nxt = steps[index + 1].weight
+    return CanaryPlan(_step_replicas(nxt, want), {"revision": rev, "step": index + 1, "stepStartedAt": None},
+                      advanced_to=nxt)
 
 
 def reconcile(obs: Observed) -> Decision:
@@ -341,9 +385,22 @@ def reconcile(obs: Observed) -> Decision:
     want, rev = spec.replicas, revision(owner, spec, source)
     current = next((d for d in obs.deployments if _revision_of(d) == rev), None)
     older = [d for d in obs.deployments if _revision_of(d) != rev and not d["metadata"].get("deletionTimestamp")]
-    decision.actions += child_actions([deployment(owner, spec, source, rev, want)], {} if current is None else {
-        ("Deployment", current["metadata"]["name"]): current})
-    done = current is not None and _rolled_out(current, want)
+    canary = plan_canary(spec, rev, current, old_status.get("canary"), obs.now, want) \
+        if spec.rollout.strategy == "Canary" and older and want > 0 else CanaryPlan(want, None)
+    decision.actions += child_actions([deployment(owner, spec, source, rev, canary.replicas)],
+                                      {} if current is None else {("Deployment", current["metadata"]["name"]): current})
+    if canary.state is not None:  # the previous revision keeps the replicas the canary does not have
+        previous = old_status.get("currentRevision")
+        keeper = next((d for d in older if _revision_of(d) == previous), older[0])
+        for dep in older:
+            keep = want - canary.replicas if dep is keeper else 0
+            if (dep.get("spec") or {}).get("replicas") != keep:
+                decision.actions.append(Action("patch", "Deployment", dep["metadata"]["name"],
+                                               {"spec": {"replicas": keep}}))
+        decision.requeue_after = canary.wait
+    if canary.advanced_to is not None:
+        decision.events.append(("Normal", "CanaryStep", f"Revision {rev} moves to {canary.advanced_to}% of replicas"))
+    done = current is not None and canary.replicas == want and _rolled_out(current, want)
     if done:
         for dep in older:
             decision.actions.append(Action("delete", "Deployment", dep["metadata"]["name"]))
@@ -379,8 +436,15 @@ def reconcile(obs: Observed) -> Decision:
     else:
         ready = Cond("Ready", FALSE, "NoReadyReplicas", f"waiting for revision {rev}: "
                      f"{_ready(current) if current else 0}/{want} replicas ready")
-    progressing = Cond("Progressing", FALSE, "Complete", f"revision {rev} rolled out") if done else \
-        Cond("Progressing", TRUE, "RollingOut", f"revision {rev}: {_ready(current) if current else 0}/{want} ready")
+    if done:
+        progressing = Cond("Progressing", FALSE, "Complete", f"revision {rev} rolled out")
+    elif canary.state is not None:
+        weight = (spec.rollout.canary_steps or [])[canary.state["step"]].weight
+        progressing = Cond("Progressing", TRUE, "Canary", f"revision {rev} at step {canary.state['step'] + 1} "
+                           f"({weight}%): {_ready(current) if current else 0}/{canary.replicas} replicas ready")
+    else:
+        progressing = Cond("Progressing", TRUE, "RollingOut",
+                           f"revision {rev}: {_ready(current) if current else 0}/{want} ready")
     notes = _unhonored(spec)
     honored = Cond("SpecHonored", FALSE, "NotImplemented", "; ".join(notes)) if notes else \
         Cond("SpecHonored", TRUE, "AllHonored", "")
@@ -388,4 +452,4 @@ def reconcile(obs: Observed) -> Decision:
     replicas = sum(_replicas(d) for d in live)
     return finish([ready, progressing, honored], phase, url=url(owner), replicas=replicas,
                   readyReplicas=ready_total, ready=f"{ready_total}/{want}", selector=selector(owner.name),
-                  currentRevision=serving_revision, revisions=revisions)
+                  currentRevision=serving_revision, revisions=revisions, canary=canary.state)

@@ -140,9 +140,59 @@ def test_old_revision_serves_until_the_new_one_is_ready_then_goes():
 
 def test_unimplemented_features_are_reported_not_ignored():
     honored = _conditions(serving.reconcile(_observed({"rollout": {"strategy": "Canary", "canarySteps": [
-        {"weight": 50}]}}, [])))["SpecHonored"]
-    assert honored["status"] == "False" and "Canary rollouts are not implemented" in honored["message"]
+        {"weight": 50}], "analysis": {"maxErrorRate": 0.01}}}, [])))["SpecHonored"]
+    assert honored["status"] == "False" and "canary analysis is not implemented" in honored["message"]
     assert _conditions(serving.reconcile(_observed({}, [])))["SpecHonored"]["status"] == "True"
+
+
+def _dep(spec: dict, replicas: int, ready: int) -> dict:
+    dep = _deployment({**spec, "replicas": replicas}, ready)
+    dep["spec"]["replicas"] = replicas
+    return dep
+
+
+def test_canary_moves_replicas_in_steps_and_pauses_before_each_next_one():
+    from datetime import timedelta
+
+    from neox_operator.conditions import rfc3339
+
+    old_spec = {"replicas": 4}
+    spec = {"replicas": 4, "runtime": {"maxNewTokens": 64}, "rollout": {"strategy": "Canary", "canarySteps": [
+        {"weight": 25, "pauseSeconds": 60}, {"weight": 50, "pauseSeconds": 0}, {"weight": 100}]}}
+    old_rev, rev = (serving.revision(OWNER, spec_of(**s), VOLUME) for s in (old_spec, spec))
+    old_name = names.serving_deployment("chat", old_rev)
+
+    def replicas_written(decision) -> dict:
+        out = {}
+        for a in decision.actions:
+            if a.kind == "Deployment" and a.verb in ("create", "replace"):
+                out[a.name] = a.body["spec"]["replicas"]
+            elif a.kind == "Deployment" and a.verb == "patch":
+                out[a.name] = a.body["spec"]["replicas"]
+        return out
+
+    start = serving.reconcile(_observed(spec, [_dep(old_spec, 4, 4)], {"currentRevision": old_rev}))
+    assert replicas_written(start) == {names.serving_deployment("chat", rev): 1, old_name: 3}
+    assert start.status["canary"] == {"revision": rev, "step": 0, "stepStartedAt": None}
+    assert _conditions(start)["Progressing"]["reason"] == "Canary"
+
+    status = {"currentRevision": old_rev, "canary": start.status["canary"]}
+    paused = serving.reconcile(_observed(spec, [_dep(old_spec, 3, 3), _dep(spec, 1, 1)], status))
+    assert replicas_written(paused) == {} and 59 < paused.requeue_after <= 60
+    assert paused.status["canary"]["stepStartedAt"] and paused.status["currentRevision"] == old_rev
+
+    long_ago = rfc3339(datetime.now(timezone.utc) - timedelta(seconds=61))
+    status["canary"] = {"revision": rev, "step": 0, "stepStartedAt": long_ago}
+    step2 = serving.reconcile(_observed(spec, [_dep(old_spec, 3, 3), _dep(spec, 1, 1)], status))
+    assert replicas_written(step2) == {names.serving_deployment("chat", rev): 2, old_name: 2}
+    assert step2.status["canary"]["step"] == 1 and ("Normal", "CanaryStep") == step2.events[0][:2]
+
+    status["canary"] = step2.status["canary"]
+    last = serving.reconcile(_observed(spec, [_dep(old_spec, 2, 2), _dep(spec, 2, 2)], status))
+    assert replicas_written(last) == {names.serving_deployment("chat", rev): 4, old_name: 0}
+    done = serving.reconcile(_observed(spec, [_dep(old_spec, 0, 0), _dep(spec, 4, 4)], {"canary": last.status["canary"]}))
+    assert [str(a) for a in done.actions if a.kind == "Deployment"] == [f"delete Deployment/{old_name}"]
+    assert done.status["canary"] is None and done.status["currentRevision"] == rev
 
 
 def test_autoscaling_is_an_hpa_on_the_servings_scale_subresource():
@@ -284,3 +334,30 @@ def test_serving_follows_a_trainings_checkpoints(kube, namespace, operator):
     report_checkpoint(20)
     wait_for(lambda: serving_step() == "step-20", 60, what="step 20 rolled out")
     wait_for(lambda: len(_deployments(kube, namespace, "live")) == 1, 60, what="step 10's revision deleted")
+
+
+@pytest.mark.cluster
+def test_canary_rollout_holds_half_the_replicas_then_completes(kube, namespace, operator):
+    name = "canary"
+    kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+                "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}, namespace)
+    kube.apply(manifest(name, replicas=2, rollout={"strategy": "Canary", "canarySteps": [
+        {"weight": 50, "pauseSeconds": 3}, {"weight": 100}]}), namespace)
+    wait_for(lambda: status(kube, namespace, name).get("ready") == "2/2", 60, what="2 ready replicas")
+    first = status(kube, namespace, name)["currentRevision"]
+
+    kube.kubectl("patch", "neoxserving", name, "-n", namespace, "--type=merge",
+                 "-p", json.dumps({"spec": {"runtime": {"maxNewTokens": 128}}}))
+
+    def split() -> dict[str, int]:
+        return {d["metadata"]["labels"][names.LABEL_REVISION]: d["spec"]["replicas"]
+                for d in _deployments(kube, namespace, name)}
+    halves = wait_for(lambda: (lambda s: s if len(s) == 2 and sorted(s.values()) == [1, 1] else None)(split()), 60,
+                      what="one replica on each revision")
+    assert first in halves and condition(kube, namespace, name, "Progressing")["reason"] == "Canary"
+    assert status(kube, namespace, name)["canary"]["step"] == 0
+    wait_for(lambda: status(kube, namespace, name).get("currentRevision") not in (None, first), 60,
+             what="the canary to complete")
+    wait_for(lambda: list(split().values()) == [2], 60, what="all replicas on the new revision")
+    assert "canary" not in status(kube, namespace, name)
+    assert any(e["reason"] == "CanaryStep" for e in events(kube, namespace, "NeoXServing"))

@@ -167,6 +167,15 @@ class Revision(CRDModel):
     traffic_percent: int = Field(0, description="Share of traffic, by replica ratio.")
 
 
+class CanaryStatus(CRDModel):
+    """Where a Canary rollout stands (written by the operator, cleared when it completes)."""
+
+    revision: str = Field(description="Revision being rolled out.")
+    step: int = Field(0, description="Index of the current step in spec.rollout.canarySteps.")
+    step_started_at: str | None = Field(
+        None, description="When this step's replicas were all ready and its pause began (RFC 3339).")
+
+
 class NeoXServingStatus(CRDModel):
     observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
     phase: str | None = Field(None, description="One-word summary for `kubectl get`.")
@@ -178,6 +187,7 @@ class NeoXServingStatus(CRDModel):
     selector: str | None = Field(None, description="Label selector of the pods (scale subresource).")
     current_revision: str | None = Field(None, description="Revision taking all traffic when the rollout is done.")
     revisions: list[Revision] | None = Field(None, description="Live revisions and their traffic.")
+    canary: CanaryStatus | None = Field(None, description="The Canary rollout in progress, if any.")
 
     field_extra = {"conditions": CONDITIONS_FIELD_EXTRA}
 
