@@ -10,14 +10,15 @@ What `hack/demo` runs, end to end, on one machine without a GPU:
    children, the pod runner starts the pod's `neox-train` as real processes (two
    DeepSpeed ranks on gloo), which report progress into the NeoXTraining's status and
    checkpoint into the claim; the training ends Succeeded;
-5. the latest checkpoint converted to a Hugging Face directory (`neox-convert`) and
-   served by `neox-serve`; one completion is requested through the OpenAI API.
+5. a NeoXServing of that training's latest checkpoint: the operator renders its
+   Deployment, and the pod runner runs the pod's init container (`neox-convert`, the
+   checkpoint to a Hugging Face directory) and then `neox-serve`; one completion is
+   requested through the OpenAI API.
 The cluster stays up afterwards (`hack/cluster down` stops it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -30,8 +31,8 @@ from pathlib import Path
 
 import yaml
 
-from .cluster import LocalCluster, free_port
-from .podrunner import PodRunner
+from .cluster import LocalCluster
+from .podrunner import PORTS_ANNOTATION, PodRunner
 from .provisioner import bound_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,7 +108,8 @@ class Demo:
                                     env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def pod_runner(self) -> PodRunner:
-        return PodRunner(kubectl=self.kubectl, namespace=self.namespace, selector="neox.dev/training",
+        # Every pod the operator manages: training workers and serving replicas.
+        return PodRunner(kubectl=self.kubectl, namespace=self.namespace, selector="app.kubernetes.io/managed-by",
                          state_dir=self.cluster.state_dir / f"pods-{self.namespace}", server=self.cluster.server(),
                          path_prefix=[str(Path(sys.executable).parent)], log=log)
 
@@ -135,50 +137,56 @@ class Demo:
             raise RuntimeError(f"training ended {status['phase']}: {json.dumps(status.get('conditions'), indent=1)}")
         return status
 
-    def convert(self, training: str, corpus_claim: str = "tiny-corpus") -> Path:
-        model_dir = self.cluster.state_dir / f"model-{self.namespace}-{training}"
-        shutil.rmtree(model_dir, ignore_errors=True)
-        _run(sys.executable, "-m", "neox_runtime.checkpoint.convert", "to-hf",
-             str(self.claim_path(f"{training}-checkpoints")), str(model_dir),
-             "--tokenizer", str(self.claim_path(corpus_claim) / "tokenizer.json"))
-        log(f"Converted the latest checkpoint to a Hugging Face directory: {model_dir}")
-        return model_dir
+    def serve(self, training: str, timeout: float = 300) -> str:
+        """Apply a NeoXServing of the training's checkpoint; return its replica's API URL once it answers."""
+        manifest = serving_of(training)
+        name = manifest["metadata"]["name"]
+        self.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest))
+        log(f"Applied NeoXServing {name}; the pod converts the checkpoint, then serves it")
+
+        def published_port():
+            out = self.kubectl("get", "pods", "-n", self.namespace, "-l", f"neox.dev/serving={name}", "-o", "json")
+            for pod in json.loads(out.stdout)["items"]:
+                ports = json.loads(pod["metadata"].get("annotations", {}).get(PORTS_ANNOTATION, "{}"))
+                if "8000" in ports:
+                    return ports["8000"]
+            return None
+
+        base_url = f"http://127.0.0.1:{_wait(published_port, 120, 'the serving pod to start')}/v1"
+        wait_for_server(base_url, timeout)
+        log(f"NeoXServing {name} answers on {base_url}")
+        return base_url
 
 
 CORPUS_FILES = ("textwrap.py", "argparse.py", "difflib.py", "pathlib.py", "inspect.py", "json/__init__.py",
                 "logging/__init__.py", "collections/__init__.py", "dataclasses.py", "typing.py")
 
 
-@contextlib.contextmanager
-def serving(model_dir: Path, served_name: str):
-    """Run `neox-serve` on a free loopback port until the block ends; yield the API's base URL."""
-    port = free_port()
-    log(f"Serving {model_dir} on http://127.0.0.1:{port}/v1")
-    server = subprocess.Popen([sys.executable, "-m", "neox_runtime.serve.cli", "--model", str(model_dir),
-                               "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        def ready():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2) as response:
-                    return response.status == 200
-            except OSError:
-                return False
-
-        _wait(ready, 120, "the server to be ready")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+def serving_of(training: str) -> dict:
+    """A NeoXServing of a training's latest checkpoint, one CPU replica."""
+    return {"apiVersion": "neox.dev/v1alpha1", "kind": "NeoXServing", "metadata": {"name": f"{training}-chat"},
+            "spec": {"model": {"fromTraining": {"name": training}, "servedName": training},
+                     "runtime": {"device": "cpu", "dtype": "float32", "maxBatchSize": 8, "maxSequenceLength": 256,
+                                 "maxNewTokens": 64},
+                     "replicas": 1}}
 
 
-def serve_and_ask(model_dir: Path) -> str:
-    with serving(model_dir, "tiny-cpu") as base_url:
-        body = json.dumps({"model": "tiny-cpu", "prompt": "def main(", "max_tokens": 32, "temperature": 0}).encode()
-        request = urllib.request.Request(f"{base_url}/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())["choices"][0]["text"]
+def wait_for_server(base_url: str, timeout: float = 180) -> None:
+    def ready():
+        try:
+            with urllib.request.urlopen(f"{base_url.removesuffix('/v1')}/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    _wait(ready, timeout, "the server to be ready")
+
+
+def ask(base_url: str, model: str) -> str:
+    body = json.dumps({"model": model, "prompt": "def main(", "max_tokens": 32, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{base_url}/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["choices"][0]["text"]
 
 
 def main() -> int:
@@ -193,18 +201,18 @@ def main() -> int:
     runner = demo.pod_runner().start()
     try:
         status = demo.train(yaml.safe_load(TRAINING.read_text()))
+        progress = status.get("progress", {})
+        log(f"Training Succeeded: step {progress.get('stepDisplay')}, loss {progress.get('loss')}, "
+            f"validation loss {progress.get('validationLoss')}, checkpoint step "
+            f"{status.get('latestCheckpoint', {}).get('step')}")
+        text = ask(demo.serve("tiny-cpu"), "tiny-cpu")
+        log(f"Completion for 'def main(': {text!r}")
     finally:
         runner.stop()
         operator.terminate()
         operator.wait(timeout=30)
-    progress = status.get("progress", {})
-    log(f"Training Succeeded: step {progress.get('stepDisplay')}, loss {progress.get('loss')}, "
-        f"validation loss {progress.get('validationLoss')}, checkpoint step "
-        f"{status.get('latestCheckpoint', {}).get('step')}")
-    text = serve_and_ask(demo.convert("tiny-cpu"))
-    log(f"Completion for 'def main(': {text!r}")
     log(f"Done in {time.monotonic() - started:.0f}s. Explore: eval \"$(hack/cluster env)\"; "
-        f"kubectl get nxt -n {NAMESPACE}; stop with hack/cluster down")
+        f"kubectl get nxt,nxs -n {NAMESPACE}; stop with hack/cluster down")
     return 0
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ command on this machine, with the environment the pod would have had:
   real cluster), an emptyDir is a fresh directory; mount paths in env values and args
   are rewritten to those directories;
 - the pod's ServiceAccount as a kubeconfig (a real token, so RBAC applies as in a pod);
-- rendezvous on loopback: MASTER_ADDR becomes 127.0.0.1 and each Job gets its own port.
+- rendezvous on loopback: MASTER_ADDR becomes 127.0.0.1 and each Job gets its own port;
+- init containers run first, in order, in the same process chain (a failing one fails
+  the pod, as on a kubelet);
+- a server's `--port P` moves to a free loopback port L, so replicas do not collide; the
+  pod is annotated `localcluster.neox.dev/ports: {"P": L}` for whoever wants to reach it.
 
 When the process exits, the pod is annotated with its exit code and kwok ends the pod
 the way a kubelet would (Succeeded or Failed). When the pod is deleted, the process
@@ -24,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +42,7 @@ from . import nodes, provisioner
 from .cluster import free_port
 
 Kubectl = Callable[..., subprocess.CompletedProcess]
+PORTS_ANNOTATION = "localcluster.neox.dev/ports"
 
 
 
@@ -124,9 +130,17 @@ class PodRunner:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
         container = spec["containers"][0]
-        mounts = self._materialize_volumes(pod, container, workdir)
-        env = self._environment(pod, container, mounts, workdir)
-        argv = [_rewrite(arg, mounts) for arg in container.get("command", []) + container.get("args", [])]
+        argvs = []
+        for c in spec.get("initContainers", []) + [container]:
+            mounts = self._materialize_volumes(pod, c, workdir)
+            argvs.append([_rewrite(arg, mounts) for arg in c.get("command", []) + c.get("args", [])])
+        env = self._environment(pod, container, mounts, workdir)  # the main container's
+        ports = _move_port(argvs[-1])
+        if ports:
+            self.kubectl("annotate", "pod", meta["name"], "-n", meta["namespace"], "--overwrite",
+                         f"{PORTS_ANNOTATION}={json.dumps(ports)}", check=False)
+        argv = argvs[-1] if len(argvs) == 1 else [
+            "/bin/sh", "-c", " && ".join([shlex.join(a) for a in argvs[:-1]] + [f"exec {shlex.join(argvs[-1])}"])]
         log_file = open(workdir / "container.log", "ab")  # noqa: SIM115 - closed with the process
         self.log(f"Starting pod {meta['name']} locally: {' '.join(argv)} (log: {workdir / 'container.log'})")
         process = subprocess.Popen(argv, env=env, cwd=workdir, stdout=log_file, stderr=subprocess.STDOUT,
@@ -246,6 +260,17 @@ class PodRunner:
         except subprocess.TimeoutExpired:
             os.killpg(pod.process.pid, signal.SIGKILL)
             pod.process.wait()
+
+
+def _move_port(argv: list[str]) -> dict[str, int]:
+    """Give a `--port P` server a free loopback port instead (in place); returns {P: new port}."""
+    if "--port" not in argv[:-1]:
+        return {}
+    at = argv.index("--port") + 1
+    port = free_port()
+    moved = {argv[at]: port}
+    argv[at] = str(port)
+    return moved
 
 
 def _rewrite(value: str, mounts: dict[str, Path]) -> str:
