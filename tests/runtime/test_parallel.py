@@ -37,6 +37,9 @@ def _entry(fn, rank, world, port, errors, *args):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         fn(rank, world, *args)
+        # No rank closes its gloo connections while a peer may still be in its last send or
+        # receive: that peer's gloo thread would throw and abort the process (exit -6).
+        dist.barrier()
     except Exception:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
     finally:
