@@ -53,6 +53,7 @@ def _worker(rank: int, cfg: EngineConfig, port: int, num_slots: int, max_len: in
         if box[0] is None:
             break
         runner.execute(box[0])
+    dist.barrier()  # see close()
     dist.destroy_process_group()
 
 
@@ -81,6 +82,9 @@ class TensorParallelExecutor:
         self._closed = True
         try:
             dist.broadcast_object_list([None], src=0)
+            # Every rank has received the stop before any closes its connections; otherwise a
+            # worker still reading the broadcast can lose its peer and abort.
+            dist.barrier()
             dist.destroy_process_group()
         finally:
             for p in self.procs:
