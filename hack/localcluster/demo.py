@@ -109,7 +109,8 @@ class Demo:
 
     def pod_runner(self) -> PodRunner:
         # Every pod the operator manages: training workers and serving replicas.
-        return PodRunner(kubectl=self.kubectl, namespace=self.namespace, selector="app.kubernetes.io/managed-by",
+        return PodRunner(kubectl=self.kubectl, namespace=self.namespace,
+                         selector="app.kubernetes.io/managed-by=neox-operator",
                          state_dir=self.cluster.state_dir / f"pods-{self.namespace}", server=self.cluster.server(),
                          path_prefix=[str(Path(sys.executable).parent)], log=log)
 
