@@ -142,12 +142,17 @@ class Demo:
         """Apply a NeoXServing of the training's checkpoint; return its replica's API URL once it answers."""
         manifest = serving_of(training)
         name = manifest["metadata"]["name"]
+        # A fresh pod each run: the previous run's pod published a port nothing listens on any more.
+        self.kubectl("delete", "nxs", name, "-n", self.namespace, "--ignore-not-found", "--cascade=foreground",
+                     "--wait=true")
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest))
         log(f"Applied NeoXServing {name}; the pod converts the checkpoint, then serves it")
 
         def published_port():
             out = self.kubectl("get", "pods", "-n", self.namespace, "-l", f"neox.dev/serving={name}", "-o", "json")
             for pod in json.loads(out.stdout)["items"]:
+                if pod["metadata"].get("deletionTimestamp"):
+                    continue
                 ports = json.loads(pod["metadata"].get("annotations", {}).get(PORTS_ANNOTATION, "{}"))
                 if "8000" in ports:
                     return ports["8000"]

@@ -3,6 +3,7 @@
 Real torchrun processes on gloo; ZeRO 1 and 2 on 2 ranks, and a 2 -> 1 rank resume.
 """
 
+import json
 import shutil
 
 import pytest
@@ -41,3 +42,13 @@ def test_stop_and_resume_matches_uninterrupted_run(tmp_path, byte_data, zero_sta
     for step in range(4, 7):  # another DP size only changes float summation order
         assert abs(dp1[step] - full[step]) < 1e-5, (step, dp1[step], full[step])
     assert full[6] < full[1]
+
+
+def test_a_finished_run_started_again_reports_its_final_step_and_checkpoint(tmp_path, byte_data):
+    """What a re-created NeoXTraining needs: status says done at the last step, the checkpoint named."""
+    config = _config(tmp_path, "again", byte_data, 1, 1, steps=3)
+    _ok(neox_train(config, 1))
+    (tmp_path / "again.jsonl").unlink()
+    _ok(neox_train(config, 1))
+    records = [json.loads(line) for line in open(tmp_path / "again.jsonl")]
+    assert [(r["event"], r["step"], r["latest_checkpoint_step"]) for r in records] == [("done", 3, 3)]

@@ -165,6 +165,8 @@ class Trainer:
         stop.install()
         step = self.resume()
         result = TrainResult(first_step=step, last_step=step)
+        if step >= cfg.train_steps:  # a finished run started again (its resource re-created): say where it is
+            self._report(step, None, lr_at(step, cfg), None, 0.0, 0.0, "done")
         data = batches(self.train_split, self.sampler, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
                        self.dp_rank, self.dp_size)
         window_start, window_steps = time.perf_counter(), 0
