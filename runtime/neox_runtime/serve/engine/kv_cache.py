@@ -14,6 +14,13 @@ import torch
 
 
 def kv_cache_dtype(model_dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """float32 on CPU whatever the weights' dtype, the model's dtype on GPU.
+
+    On CPU, decode attention over a float32 cache is two float32 batched matmuls on
+    unrounded K/V: for bfloat16 weights that is more exact than SDPA's bfloat16 kernel
+    and faster (that kernel took 0.94 ms a layer, half of a decode step, for 32 sequences
+    of the 70M shape). On GPU, SDPA's fused kernels want the model's dtype.
+    """
     return torch.float32 if torch.device(device).type == "cpu" else model_dtype
 
 
