@@ -275,6 +275,11 @@ def test_serving_lifecycle_scale_rollout_and_delete_keeps_the_model_claim(kube, 
     assert svc["spec"]["selector"] == {names.LABEL_SERVING: name, names.LABEL_COMPONENT: "server"}
     command = _deployments(kube, namespace, name)[0]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[:3] == ["neox-serve", "--model", "/model/pythia-70m"] and "--api-keys-file" in command
+    # Quiet at rest: several resyncs (every 2 s here) of a Ready serving write nothing.
+    reconciles, writes = operator.metric("neox_operator_reconciles_total", kind="NeoXServing"), operator.writes()
+    wait_for(lambda: operator.metric("neox_operator_reconciles_total", kind="NeoXServing") >= reconciles + 3, 30,
+             what="three more reconciles")
+    assert operator.writes() == writes
 
     kube.kubectl("scale", "neoxserving", name, "-n", namespace, "--replicas=3")
     wait_for(lambda: status(kube, namespace, name).get("ready") == "3/3", 60, what="3 ready replicas")
