@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from neox_runtime.serve.engine.detokenizer import Detokenizer, DetokState
 from neox_runtime.serve.engine.runner import StepPlan
-from neox_runtime.serve.engine.sampler import LogitsProcessor, Sampler
+from neox_runtime.serve.engine.sampler import LogitsProcessor, Sampler, token_logprobs
 from neox_runtime.serve.engine.scheduler import Scheduler
 from neox_runtime.serve.engine.sequence import SamplingParams, Sequence, SequenceDelta, TokenLogprob
 from neox_runtime.serve.metrics import ServerMetrics
@@ -86,20 +86,13 @@ class LLMEngine:
 
     def _score_prompts(self, scored: list[tuple[Sequence, int, int]], logits: torch.Tensor) -> None:
         """Prompt logprobs (echo with logprobs): each scored row's log-probability of the next prompt token."""
-        lp = torch.log_softmax(logits.float(), dim=-1)  # (rows, V)
-        k = max(seq.params.prompt_logprobs for seq, _, _ in scored)
-        top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
-        row = 0
+        targets = [t for seq, first, count in scored for t in seq.prompt_ids[first:first + count]]
+        ks = [seq.params.prompt_logprobs for seq, _, count in scored for _ in range(count)]
+        records = iter(token_logprobs(torch.log_softmax(logits.float(), dim=-1), targets, ks))
         for seq, first, count in scored:
             if first == 1:  # nothing predicts the first prompt token
                 seq.prompt_logprobs.append(TokenLogprob(seq.prompt_ids[0], None, None))
-            targets = seq.prompt_ids[first:first + count]
-            chosen = lp[row:row + count].gather(1, torch.tensor(targets, device=lp.device)[:, None])[:, 0].tolist()
-            kk = seq.params.prompt_logprobs
-            for j, (tok, value) in enumerate(zip(targets, chosen)):
-                top = list(zip(top_i[row + j, :kk].tolist(), top_v[row + j, :kk].tolist())) if kk else []
-                seq.prompt_logprobs.append(TokenLogprob(tok, value, top))
-            row += count
+            seq.prompt_logprobs.extend(next(records) for _ in range(count))
 
     def _finish_prompt_only(self, seq: Sequence) -> SequenceDelta:
         """A sequence asked for no new tokens (echo with max_tokens=0): done once its prompt is scored."""

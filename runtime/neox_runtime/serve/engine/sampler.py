@@ -109,21 +109,24 @@ class Sampler:
             sampled = _sample_rows(logits[rows.to(logits.device)], [seqs[r] for r in rows.tolist()])
             tokens[rows.to(logits.device)] = sampled
         token_list = tokens.tolist()
-        return token_list, self._logprobs(raw_lp, seqs, token_list, want_lp)
-
-    @staticmethod
-    def _logprobs(raw_lp, seqs, tokens, want_lp) -> list[TokenLogprob | None]:
         if raw_lp is None:
-            return [None] * len(seqs)
-        k = max(s.params.logprobs or 0 for s in seqs)
-        top_v, top_i = (raw_lp.topk(k, dim=-1) if k else (None, None))
-        chosen = raw_lp.gather(1, torch.tensor(tokens, device=raw_lp.device)[:, None])[:, 0].tolist()
-        out: list[TokenLogprob | None] = []
-        for r, s in enumerate(seqs):
-            if not want_lp[r]:
-                out.append(None)
-                continue
-            kk = s.params.logprobs or 0
-            top = list(zip(top_i[r, :kk].tolist(), top_v[r, :kk].tolist())) if kk else []
-            out.append(TokenLogprob(tokens[r], chosen[r], top))
-        return out
+            return token_list, [None] * len(seqs)
+        return token_list, token_logprobs(raw_lp, token_list, [s.params.logprobs for s in seqs])
+
+
+def token_logprobs(lp: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
+    """Row r's log-probability of tokens[r] with its ks[r] best alternatives (None where ks[r] is None).
+
+    lp: (M, V) log-softmax. Used for generated tokens and for scored prompt tokens alike.
+    """
+    k = max((x or 0) for x in ks)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (None, None)
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long, device=lp.device)[:, None])[:, 0].tolist()
+    out: list[TokenLogprob | None] = []
+    for r, (token, kk) in enumerate(zip(tokens, ks)):
+        if kk is None:
+            out.append(None)
+            continue
+        top = list(zip(top_i[r, :kk].tolist(), top_v[r, :kk].tolist())) if kk else []
+        out.append(TokenLogprob(token, chosen[r], top))
+    return out
