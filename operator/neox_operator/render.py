@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from neox_runtime.api import contract, names
+from neox_runtime.api.common import Resources
 from neox_runtime.api.resolved import resolve
 from neox_runtime.api.training import CheckpointVolume, NeoXTrainingSpec
 
@@ -160,18 +161,17 @@ def data_dir(spec: NeoXTrainingSpec) -> str:
     return f"{root}/{spec.data.path.strip('/')}"
 
 
-def _resources(spec: NeoXTrainingSpec) -> dict[str, Any]:
-    res = spec.resources
+def pod_resources(res: Resources, gpus: int) -> dict[str, Any]:
+    """A container's requests (CPU, memory, GPUs) and GPU limit, from a spec's `resources`."""
     requests: dict[str, str] = {}
     if res.cpu:
         requests["cpu"] = res.cpu
     if res.memory:
         requests["memory"] = res.memory
     out: dict[str, Any] = {"requests": requests} if requests else {}
-    if spec.parallelism.gpus_per_node:
-        gpus = str(spec.parallelism.gpus_per_node)
-        out.setdefault("requests", {})[res.gpu_resource_name] = gpus
-        out["limits"] = {res.gpu_resource_name: gpus}
+    if gpus:
+        out.setdefault("requests", {})[res.gpu_resource_name] = str(gpus)
+        out["limits"] = {res.gpu_resource_name: str(gpus)}
     return out
 
 
@@ -237,7 +237,8 @@ def job(owner: Owner, spec: NeoXTrainingSpec, attempt: int) -> dict[str, Any]:
         "containers": [{
             "name": "trainer", "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
             "command": ["neox-train", "--config", contract.CONFIG_FILE],
-            "env": _env(owner, spec, attempt), "resources": _resources(spec), "volumeMounts": mounts,
+            "env": _env(owner, spec, attempt), "volumeMounts": mounts,
+            "resources": pod_resources(spec.resources, spec.parallelism.gpus_per_node),
             "ports": [{"name": "rendezvous", "containerPort": contract.MASTER_PORT}],
             "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         }],

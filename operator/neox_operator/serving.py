@@ -48,7 +48,7 @@ from neox_runtime.api.serving import NeoXServingSpec
 from .conditions import FALSE, TRUE, Cond, merge, parse_time, rfc3339
 from .diff import Action, child_actions
 from .reconcile import Decision
-from .render import API_VERSION, HASH_ANNOTATION, Owner, rendered_hash, scheduling_fields
+from .render import API_VERSION, HASH_ANNOTATION, Owner, pod_resources, rendered_hash, scheduling_fields
 
 KIND = "NeoXServing"
 PORT = 8000
@@ -120,15 +120,15 @@ def autoscaler(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any] | None:
     auto = spec.autoscaling
     if not auto.enabled:
         return None
-    return _child("autoscaling/v2", "HorizontalPodAutoscaler", names.serving_autoscaler(owner.name), owner, "autoscaler",
-                  spec={
-                      "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name},
-                      "minReplicas": max(auto.min_replicas, 1), "maxReplicas": auto.max_replicas,
-                      "metrics": [{"type": "Pods", "pods": {
-                          "metric": {"name": LOAD_METRIC},
-                          "target": {"type": "AverageValue", "averageValue": str(auto.target_running_requests)}}}],
-                      "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_delay_seconds}},
-                  })
+    name = names.serving_autoscaler(owner.name)
+    return _child("autoscaling/v2", "HorizontalPodAutoscaler", name, owner, "autoscaler", spec={
+        "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name},
+        "minReplicas": max(auto.min_replicas, 1), "maxReplicas": auto.max_replicas,
+        "metrics": [{"type": "Pods", "pods": {
+            "metric": {"name": LOAD_METRIC},
+            "target": {"type": "AverageValue", "averageValue": str(auto.target_running_requests)}}}],
+        "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto.scale_down_delay_seconds}},
+    })
 
 
 def safety_config(owner: Owner, spec: NeoXServingSpec) -> dict[str, Any] | None:
@@ -187,7 +187,7 @@ def _volumes(owner: Owner, spec: NeoXServingSpec, source: Source) -> tuple[list[
     if source.checkpoint_step is not None:  # the server reads only the converted directory
         mounts = [m for m in mounts if m["name"] == "model"]
     volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
-    mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    mounts.append({"name": "shm", "mountPath": contract.SHM_MOUNT})
     if spec.auth.enabled:
         volumes.append({"name": "api-keys", "secret": {"secretName": spec.auth.api_keys_secret}})
         mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
@@ -200,22 +200,15 @@ def _volumes(owner: Owner, spec: NeoXServingSpec, source: Source) -> tuple[list[
     return volumes, mounts
 
 
-def _resources(spec: NeoXServingSpec) -> dict[str, Any]:
-    res, gpus = spec.resources, str(spec.runtime.tensor_parallel)
-    requests = {k: v for k, v in (("cpu", res.cpu), ("memory", res.memory)) if v}
-    if spec.runtime.device == "cpu":
-        return {"requests": requests} if requests else {}
-    return {"requests": {**requests, res.gpu_resource_name: gpus}, "limits": {res.gpu_resource_name: gpus}}
-
-
 def pod_template(owner: Owner, spec: NeoXServingSpec, source: Source) -> dict[str, Any]:
     """What the revision hash covers: everything of the pods except the revision label itself."""
     volumes, mounts = _volumes(owner, spec, source)
+    gpus = spec.runtime.tensor_parallel if spec.runtime.device == "cuda" else 0
     container = {
         "name": "server", "image": spec.image, "imagePullPolicy": spec.image_pull_policy,
         "command": server_command(owner, spec, source),
         "ports": [{"name": "http", "containerPort": PORT}],
-        "resources": _resources(spec), "volumeMounts": mounts,
+        "resources": pod_resources(spec.resources, gpus), "volumeMounts": mounts,
         # /ready turns 503 while draining; /health fails when tokens stop coming while work is pending.
         "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
