@@ -89,38 +89,47 @@ def test_prepacked_linear_matches_f_linear_for_every_batch_size():
             pytest.skip("no oneDNN: the packed path is the fallback")
 
 
-def test_engine_thread_builds_the_engine_and_runs_its_steps():
+def test_engine_thread_builds_the_engine_and_runs_its_steps(model_dir):
     """The model must be loaded on the thread that steps it (one OpenMP pool; see async_engine)."""
     import asyncio
     import threading
-    import time
 
     import pytest
 
+    from neox_runtime.serve.config import EngineConfig
     from neox_runtime.serve.engine.async_engine import AsyncEngine
+    from neox_runtime.serve.engine.build import build_engine
+    from neox_runtime.serve.engine.sequence import SamplingParams
 
-    seen = {}
-
-    class Engine:
-        def has_work(self):
-            seen["stepped_on"] = threading.current_thread()
-            return False
-
-        def request_ids(self):
-            return []
+    seen: dict = {"stepped_on": set()}
 
     def build():
         seen["built_on"] = threading.current_thread()
-        return Engine()
+        engine, loaded = build_engine(EngineConfig(model=model_dir, max_num_seqs=2, max_num_batched_tokens=64))
+        seen["prompt"] = loaded.tokenizer.encode("the model serves").ids
+        step = engine.step
+
+        def recorded_step():
+            seen["stepped_on"].add(threading.current_thread())
+            return step()
+
+        engine.step = recorded_step
+        return engine
 
     engine = AsyncEngine(build)
     assert seen["built_on"] is not threading.current_thread()
-    engine.start(asyncio.new_event_loop())
-    deadline = time.monotonic() + 5
-    while "stepped_on" not in seen and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.shutdown()
-    assert seen["stepped_on"] is seen["built_on"]
+
+    async def generate():
+        engine.start(asyncio.get_running_loop())
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        return [d async for d in engine.generate("r", seen["prompt"], params)]
+
+    try:
+        deltas = asyncio.run(generate())
+    finally:
+        engine.shutdown()
+    assert sum(len(d.token_ids) for d in deltas) == 3
+    assert seen["stepped_on"] == {seen["built_on"]}
 
     def broken():
         raise ValueError("no such model")
