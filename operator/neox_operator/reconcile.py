@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from neox_runtime.api import names
+from neox_runtime.api.manifests import spec_errors
 from neox_runtime.api.resolved import deepspeed_config
-from neox_runtime.api.training import NeoXTrainingSpec
+from neox_runtime.api.training import MAX_NAME_LENGTH, NeoXTrainingSpec
 
 from . import planner, render
 from .conditions import FALSE, TRUE, UNKNOWN, Cond, find, is_true, merge, parse_time, rfc3339
@@ -96,10 +97,15 @@ class _Builder:
 
 def reconcile(obs: Observed) -> Decision:
     b = _Builder(obs)
+    # A name the CRD refuses can still be stored (created before the CRD had the rule): its
+    # children's names would be refused, so it is marked instead of failing on every create.
+    name_problems = names.name_problems(b.meta["name"], MAX_NAME_LENGTH)
+    if name_problems:
+        return _refused(b, "InvalidName", "; ".join(name_problems))
     try:
         spec = NeoXTrainingSpec.model_validate(obs.body["spec"])
     except ValidationError as error:
-        return _invalid(b, error)
+        return _refused(b, "InvalidSpec", spec_errors(error)[:1000])
     b.status.update(restarts=b.old.get("restarts", 0), startTime=b.old.get("startTime"),
                     completionTime=b.old.get("completionTime"), workersTotal=spec.parallelism.nodes)
     owner = render.Owner(b.meta["name"], b.meta["namespace"], b.meta["uid"])
@@ -110,12 +116,12 @@ def reconcile(obs: Observed) -> Decision:
     return _active(b, spec, owner)
 
 
-def _invalid(b: _Builder, error: ValidationError) -> Decision:
-    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())[:1000]
-    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != "InvalidSpec":
-        b.event("Warning", "InvalidSpec", message)
-    b.cond("Feasible", FALSE, "InvalidSpec", message)
-    b.cond("Ready", FALSE, "InvalidSpec", message)
+def _refused(b: _Builder, reason: str, message: str) -> Decision:
+    """A resource the operator cannot act on (InvalidSpec, InvalidName): conditions say why, no children."""
+    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != reason:
+        b.event("Warning", reason, message)
+    b.cond("Feasible", FALSE, reason, message)
+    b.cond("Ready", FALSE, reason, message)
     return b.finish("Invalid")
 
 

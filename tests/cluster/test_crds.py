@@ -8,7 +8,10 @@ import json
 import pytest
 import yaml
 
-from tests.corpus import EXAMPLES, custom_resources, invalid_cases
+from neox_operator import render, serving
+from neox_runtime.api.serving import NeoXServingSpec
+from neox_runtime.api.training import NeoXTrainingSpec
+from tests.corpus import EXAMPLES, custom_resources, invalid_cases, valid_cases
 
 from .kube import Kube
 
@@ -44,6 +47,45 @@ def test_invalid_manifest_is_refused_naming_the_field(kube: Kube, namespace: str
     proc = _create(kube, namespace, document, dry_run=True)
     assert proc.returncode != 0, f"{name} was accepted"
     assert expect in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("name,document", valid_cases(), ids=lambda v: v if isinstance(v, str) else "")
+def test_edge_case_at_a_limit_is_accepted(kube: Kube, namespace: str, name, document):
+    proc = _create(kube, namespace, document, dry_run=True)
+    assert proc.returncode == 0, f"{name}: {proc.stderr}"
+
+
+def _children(document: dict, namespace: str) -> list[dict]:
+    """What the operator would create for `document` (a late attempt, for the longest Job names)."""
+    owner = render.Owner(document["metadata"]["name"], namespace, "0b7c2a8e-1111-4222-8333-944455556666")
+    if document["kind"] == "NeoXTraining":
+        return render.children(owner, NeoXTrainingSpec.model_validate(document["spec"]), attempt=999)
+    spec = NeoXServingSpec.model_validate(document["spec"])
+    owner = render.Owner(owner.name, namespace, owner.uid, serving.KIND)
+    source = serving.resolve_source(spec, serving.Observed(body=document, children={}, deployments=[], now=None))
+    return [serving.service(owner), serving.deployment(owner, spec, source, "0123456789", 1)]
+
+
+@pytest.mark.parametrize("base", ["training-tiny-cpu.yaml", "serving-from-volume.yaml"])
+@pytest.mark.parametrize("name", ["x" * 40, "a1-2b", "z"])
+def test_every_child_of_a_name_the_crd_accepts_is_accepted(kube: Kube, namespace: str, base, name):
+    document = _example(base)
+    document["metadata"]["name"] = name
+    assert _create(kube, namespace, document, dry_run=True).returncode == 0
+    for child in _children(document, namespace):
+        proc = _create(kube, namespace, child, dry_run=True)
+        assert proc.returncode == 0, f"{child['kind']}/{child['metadata']['name']}: {proc.stderr}"
+
+
+@pytest.mark.parametrize("base", ["training-tiny-cpu.yaml", "serving-from-volume.yaml"])
+@pytest.mark.parametrize("name", ["1abc", "tiny.cpu"])
+def test_the_name_rules_are_what_the_children_need(kube: Kube, namespace: str, base, name):
+    """Without the CRD's name rules these names were stored, then every Service create failed."""
+    document = _example(base)
+    document["metadata"]["name"] = name
+    service = next(c for c in _children(document, namespace) if c["kind"] == "Service")
+    proc = _create(kube, namespace, service, dry_run=True)
+    assert proc.returncode != 0 and "metadata.name" in proc.stderr, proc.stderr
 
 
 def _example(file_name: str) -> dict:
