@@ -126,23 +126,35 @@ def _refused(b: _Builder, reason: str, message: str) -> Decision:
 
 
 def _feasible(b: _Builder, spec: NeoXTrainingSpec) -> bool:
-    if spec.parallelism.gpus_per_node == 0:
-        b.cond("Feasible", TRUE, "RunsOnCPU", "No GPUs requested")
-        return True
-    memory = planner.gpu_memory_bytes(spec, b.obs.node_labels)
+    """Planner first: a training that cannot fit its GPUs or its pods' memory gets no children."""
+    on_gpu = spec.parallelism.gpus_per_node > 0
+    memory = planner.gpu_memory_bytes(spec, b.obs.node_labels) if on_gpu else None
     est = planner.estimate(spec, memory, deepspeed_config(spec))
     b.status["estimate"] = est.summary()
-    if est.fits is None:
+    if est.fits is False:
+        return _infeasible(b, "InsufficientGPUMemory", f"Does not fit: estimated {est.summary()}")
+    host = est.host
+    if host.fits is False:
+        return _infeasible(b, "InsufficientHostMemory", (
+            f"Does not fit in the pod's memory: {host.ranks_per_node} ranks × {host.per_rank / planner.GIB:.1f} GiB "
+            f"= {host.per_pod / planner.GIB:.1f} GiB per pod, more than spec.resources.memory "
+            f"{spec.resources.memory} ({host.pod_memory / planner.GIB:.1f} GiB); per rank: process "
+            f"{host.process / planner.GIB:.1f}, start-up {host.start_up / planner.GIB:.1f}, checkpoint staging "
+            f"{host.checkpoint_staging / planner.GIB:.1f}, model on host {host.model_states / planner.GIB:.1f} GiB"))
+    if not on_gpu:
+        b.cond("Feasible", TRUE, "RunsOnCPU", f"No GPUs requested; estimated {host.summary()}")
+    elif est.fits is None:
         b.cond("Feasible", UNKNOWN, "GPUMemoryUnknown",
                f"Estimated {est.summary()}; set spec.resources.gpuMemoryGiB or label nodes nvidia.com/gpu.memory")
-        return True
-    if est.fits:
+    else:
         b.cond("Feasible", TRUE, "FitsInGPUMemory", f"Estimated {est.summary()}")
-        return True
-    message = f"Does not fit: estimated {est.summary()}"
-    if b.flips("Feasible", FALSE):
+    return True
+
+
+def _infeasible(b: _Builder, reason: str, message: str) -> bool:
+    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != reason:
         b.event("Warning", "Infeasible", message)
-    b.cond("Feasible", FALSE, "InsufficientGPUMemory", message)
+    b.cond("Feasible", FALSE, reason, message)
     b.cond("Created", FALSE, "Infeasible", "No children are created for a training that does not fit")
     b.cond("Ready", FALSE, "Infeasible", message)
     return False

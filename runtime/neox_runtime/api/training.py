@@ -332,7 +332,8 @@ class NeoXTrainingStatus(CRDModel):
     latest_checkpoint: CheckpointStatus | None = Field(None, description="Latest complete checkpoint.")
     start_time: str | None = Field(None, description="When the first pod group was created.")
     completion_time: str | None = Field(None, description="When the training succeeded or failed.")
-    estimate: str | None = Field(None, description="Estimated GPU memory per rank, from the planner.")
+    estimate: str | None = Field(
+        None, description="Estimated memory per rank, on its GPU and on the host, from the planner.")
 
     field_extra = {"conditions": CONDITIONS_FIELD_EXTRA}
 
