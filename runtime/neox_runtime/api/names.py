@@ -90,15 +90,19 @@ _WHY = "it names the children's Services and pod hostnames, which are DNS labels
 
 
 def name_rules(max_length: int) -> tuple[Rule, ...]:
-    """Rules on `metadata.name` (CEL on the CRD's root; `check` takes the name)."""
+    """Rules on `metadata.name` (CEL on the CRD's root; `check` takes the name).
+
+    Enforced at creation only: a resource stored before a rule existed (the name cannot
+    change) must still take the status that tells its owner why nothing runs.
+    """
     return (
-        Rule(cel=f"self.metadata.name.size() <= {max_length}",
+        Rule(cel=f"self.metadata.name.size() <= {max_length}", on_create=True,
              message=f"metadata.name must be at most {max_length} characters, so that every child name fits in 63",
              check=lambda name: len(name) <= max_length),
-        Rule(cel="self.metadata.name.matches('^[a-z]')",
+        Rule(cel="self.metadata.name.matches('^[a-z]')", on_create=True,
              message=f"metadata.name must start with a lowercase letter: {_WHY}",
              check=lambda name: name[:1].isascii() and name[:1].islower()),
-        Rule(cel="!self.metadata.name.contains('.')",
+        Rule(cel="!self.metadata.name.contains('.')", on_create=True,
              message=f"metadata.name must not contain '.': {_WHY}",
              check=lambda name: "." not in name),
     )

@@ -36,9 +36,16 @@ class Rule:
     transition: bool = False
     message_expression: str | None = None
     explain: Callable[[Any], str] | None = None
+    # Enforced when the object is created, not on its updates: an object stored before the
+    # rule existed must keep a writable status (a rule on an immutable field loses nothing).
+    on_create: bool = False
 
-    def as_crd(self) -> dict[str, str]:
-        crd = {"rule": self.cel, "message": self.message}
+    def as_crd(self) -> dict[str, Any]:
+        if self.on_create:
+            crd: dict[str, Any] = {"rule": f"oldSelf.hasValue() || {self.cel}", "optionalOldSelf": True}
+        else:
+            crd = {"rule": self.cel}
+        crd["message"] = self.message
         if self.message_expression is not None:
             crd["messageExpression"] = self.message_expression
         return crd

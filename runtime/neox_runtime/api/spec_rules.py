@@ -9,7 +9,7 @@ The parallel-layout refusals are not written here a second time: `ParallelLayout
 (api/layout) decides, in Python, for the runtime and for pydantic alike, and `LAYOUT_RULES`
 are their CEL halves, generated from the same constants (`MAX_ZERO_STAGE_WITH_*`) and
 preset maps, each claiming the problem it refuses. The API server's message is built by a
-`messageExpression` that spells the layout's message with the spec's values; tests feed the
+`messageExpression` that formats the layout's message with the spec's values; tests feed the
 shared corpus to both and hold the two messages equal.
 """
 
@@ -94,7 +94,7 @@ def _layout_rule(key: str, marker: str, cel: str, message: str, expression: list
     field = FIELD_NAMES[STYLE][key]
     return Rule(cel=cel, message=f"{field} {message}", check=lambda spec: found(spec) is None,
                 explain=lambda spec: found(spec).named(STYLE),
-                message_expression=_concatenation([f"{field}: ", *expression]))
+                message_expression=_formatted([f"{field}: ", *expression]))
 
 
 @dataclass(frozen=True)
@@ -104,26 +104,16 @@ class _Value:
     cel: str
 
 
-def _concatenation(pieces: list[str | _Value]) -> str:
-    """CEL string concatenation of text and values; adjacent texts become one literal."""
-    out: list[str] = []
-    text = ""
-    for piece in pieces:
-        if isinstance(piece, str):
-            text += piece
-            continue
-        if text:
-            out.append(_literal(text))
-            text = ""
-        out.append(f"string({piece.cel})")
-    if text:
-        out.append(_literal(text))
-    return " + ".join(out)
+def _formatted(pieces: list[str | _Value]) -> str:
+    """CEL that builds the message from text and values: one `format` call.
 
-
-def _literal(text: str) -> str:
-    assert '"' not in text and "\\" not in text
-    return f'"{text}"'
+    Not `"…" + string(x)`: the API server cannot bound the length of `string(int)`, so a
+    concatenation with it is estimated past the CRD's whole cost budget; `format` is not.
+    """
+    template = "".join(p.replace("%", "%%") if isinstance(p, str) else "%d" for p in pieces)
+    values = ", ".join(p.cel for p in pieces if isinstance(p, _Value))
+    assert '"' not in template and "\\" not in template
+    return f'"{template}".format([{values}])'
 
 
 def claiming_rules(problem: Problem) -> list[Rule]:
