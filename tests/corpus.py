@@ -32,15 +32,25 @@ def _delete(document: dict[str, Any], dotted: str) -> None:
     del node[leaf]
 
 
-def invalid_cases() -> list[tuple[str, dict[str, Any], str]]:
+def _cases(section: str) -> list[tuple[str, dict[str, Any], str | None]]:
     corpus = yaml.safe_load((REPO_ROOT / "tests" / "data" / "crd_corpus.yaml").read_text())
     bases = {name: custom_resources(REPO_ROOT / path)[-1] for name, path in corpus["bases"].items()}
     cases = []
-    for entry in corpus["invalid"]:
+    for entry in corpus[section]:
         document = copy.deepcopy(bases[entry["base"]])
         for dotted, value in (entry.get("set") or {}).items():
             _set(document, dotted, value)
         for dotted in entry.get("delete") or []:
             _delete(document, dotted)
-        cases.append((entry["name"], document, entry["expect"]))
+        cases.append((entry["name"], document, entry.get("expect")))
     return cases
+
+
+def invalid_cases() -> list[tuple[str, dict[str, Any], str]]:
+    """(name, manifest, fragment of the refusal) for every invalid entry."""
+    return _cases("invalid")
+
+
+def valid_cases() -> list[tuple[str, dict[str, Any]]]:
+    """(name, manifest) for the edge cases both the API server and pydantic accept."""
+    return [(name, document) for name, document, _ in _cases("valid")]

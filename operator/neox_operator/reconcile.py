@@ -15,8 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from neox_runtime.api import names
+from neox_runtime.api.manifests import spec_errors
 from neox_runtime.api.resolved import deepspeed_config
-from neox_runtime.api.training import NeoXTrainingSpec
+from neox_runtime.api.training import MAX_NAME_LENGTH, NeoXTrainingSpec
 
 from . import planner, render
 from .conditions import FALSE, TRUE, UNKNOWN, Cond, find, is_true, merge, parse_time, rfc3339
@@ -96,10 +97,15 @@ class _Builder:
 
 def reconcile(obs: Observed) -> Decision:
     b = _Builder(obs)
+    # A name the CRD refuses can still be stored (created before the CRD had the rule): its
+    # children's names would be refused, so it is marked instead of failing on every create.
+    name_problems = names.name_problems(b.meta["name"], MAX_NAME_LENGTH)
+    if name_problems:
+        return _refused(b, "InvalidName", "; ".join(name_problems))
     try:
         spec = NeoXTrainingSpec.model_validate(obs.body["spec"])
     except ValidationError as error:
-        return _invalid(b, error)
+        return _refused(b, "InvalidSpec", spec_errors(error)[:1000])
     b.status.update(restarts=b.old.get("restarts", 0), startTime=b.old.get("startTime"),
                     completionTime=b.old.get("completionTime"), workersTotal=spec.parallelism.nodes)
     owner = render.Owner(b.meta["name"], b.meta["namespace"], b.meta["uid"])
@@ -110,33 +116,45 @@ def reconcile(obs: Observed) -> Decision:
     return _active(b, spec, owner)
 
 
-def _invalid(b: _Builder, error: ValidationError) -> Decision:
-    message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())[:1000]
-    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != "InvalidSpec":
-        b.event("Warning", "InvalidSpec", message)
-    b.cond("Feasible", FALSE, "InvalidSpec", message)
-    b.cond("Ready", FALSE, "InvalidSpec", message)
+def _refused(b: _Builder, reason: str, message: str) -> Decision:
+    """A resource the operator cannot act on (InvalidSpec, InvalidName): conditions say why, no children."""
+    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != reason:
+        b.event("Warning", reason, message)
+    b.cond("Feasible", FALSE, reason, message)
+    b.cond("Ready", FALSE, reason, message)
     return b.finish("Invalid")
 
 
 def _feasible(b: _Builder, spec: NeoXTrainingSpec) -> bool:
-    if spec.parallelism.gpus_per_node == 0:
-        b.cond("Feasible", TRUE, "RunsOnCPU", "No GPUs requested")
-        return True
-    memory = planner.gpu_memory_bytes(spec, b.obs.node_labels)
+    """Planner first: a training that cannot fit its GPUs or its pods' memory gets no children."""
+    on_gpu = spec.parallelism.gpus_per_node > 0
+    memory = planner.gpu_memory_bytes(spec, b.obs.node_labels) if on_gpu else None
     est = planner.estimate(spec, memory, deepspeed_config(spec))
     b.status["estimate"] = est.summary()
-    if est.fits is None:
+    if est.fits is False:
+        return _infeasible(b, "InsufficientGPUMemory", f"Does not fit: estimated {est.summary()}")
+    host = est.host
+    if host.fits is False:
+        return _infeasible(b, "InsufficientHostMemory", (
+            f"Does not fit in the pod's memory: {host.ranks_per_node} ranks × {host.per_rank / planner.GIB:.1f} GiB "
+            f"= {host.per_pod / planner.GIB:.1f} GiB per pod, more than spec.resources.memory "
+            f"{spec.resources.memory} ({host.pod_memory / planner.GIB:.1f} GiB); per rank: process "
+            f"{host.process / planner.GIB:.1f}, start-up {host.start_up / planner.GIB:.1f}, checkpoint staging "
+            f"{host.checkpoint_staging / planner.GIB:.1f}, model on host {host.model_states / planner.GIB:.1f} GiB"))
+    if not on_gpu:
+        b.cond("Feasible", TRUE, "RunsOnCPU", f"No GPUs requested; estimated {host.summary()}")
+    elif est.fits is None:
         b.cond("Feasible", UNKNOWN, "GPUMemoryUnknown",
                f"Estimated {est.summary()}; set spec.resources.gpuMemoryGiB or label nodes nvidia.com/gpu.memory")
-        return True
-    if est.fits:
+    else:
         b.cond("Feasible", TRUE, "FitsInGPUMemory", f"Estimated {est.summary()}")
-        return True
-    message = f"Does not fit: estimated {est.summary()}"
-    if b.flips("Feasible", FALSE):
+    return True
+
+
+def _infeasible(b: _Builder, reason: str, message: str) -> bool:
+    if b.flips("Feasible", FALSE) or find(b.old.get("conditions"), "Feasible").get("reason") != reason:
         b.event("Warning", "Infeasible", message)
-    b.cond("Feasible", FALSE, "InsufficientGPUMemory", message)
+    b.cond("Feasible", FALSE, reason, message)
     b.cond("Created", FALSE, "Infeasible", "No children are created for a training that does not fit")
     b.cond("Ready", FALSE, "Infeasible", message)
     return False

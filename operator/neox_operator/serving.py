@@ -43,7 +43,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from neox_runtime.api import contract, names
-from neox_runtime.api.serving import NeoXServingSpec
+from neox_runtime.api.serving import MAX_NAME_LENGTH, NeoXServingSpec
 
 from .conditions import FALSE, TRUE, Cond, merge, parse_time, rfc3339
 from .diff import Action, child_actions
@@ -361,6 +361,9 @@ def reconcile(obs: Observed) -> Decision:
                            "conditions": merge(old_status.get("conditions"), conds, obs.now, generation), **fields}
         return decision
 
+    name_problems = names.name_problems(owner.name, MAX_NAME_LENGTH)  # stored before the CRD refused it
+    if name_problems:
+        return finish([Cond("Ready", FALSE, "InvalidName", "; ".join(name_problems))], "Failed")
     try:
         spec = NeoXServingSpec.model_validate(obs.body.get("spec") or {})
     except ValidationError as error:  # the API server validates too; this catches what only Python checks

@@ -26,7 +26,7 @@ def training(name: str, nodes: int = 2, gpus: int = 1, **spec: Any) -> dict[str,
     body: dict[str, Any] = {
         "model": {"preset": "tiny"}, "data": {"path": "/data/tiny"},
         "parallelism": {"nodes": nodes, "gpusPerNode": gpus},
-        "training": {"steps": 100},
+        "training": {"steps": 100, "seqLength": 128},  # tiny has 256 positions; the CRD refuses more
         "failurePolicy": {"backoffSeconds": 0, "maxRestarts": 2},
     }
     for key, value in spec.items():

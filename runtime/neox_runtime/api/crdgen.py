@@ -24,7 +24,7 @@ import yaml
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from . import serving, training
+from . import names, serving, training
 from .schema import CRDModel
 
 GROUP = "neox.dev"
@@ -150,11 +150,8 @@ def _crd(module: Any, spec_model: type[CRDModel], status_model: type[CRDModel],
             "status": {"description": "Observed state, written by the operator and the runtime.",
                        **model_schema(status_model)},
         },
-        "x-kubernetes-validations": [{
-            "rule": f"self.metadata.name.size() <= {max_name_length}",
-            "message": f"metadata.name must be at most {max_name_length} characters, "
-                       "so that every child name fits in 63",
-        }],
+        # Root rules may read metadata.name (and only it, of metadata).
+        "x-kubernetes-validations": [rule.as_crd() for rule in names.name_rules(max_name_length)],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -40,10 +40,12 @@ class Shape(Protocol):
     """The architecture fields a layout depends on (ModelArchitecture has them)."""
 
     vocab_size: int
+    hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     intermediate_size: int
     max_position_embeddings: int
+    tie_word_embeddings: bool
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,20 @@ class ParallelLayout:
         return [[self.rank_of(pipe=p, data=d, model=m) for p in range(self.pipeline)]
                 for d in range(self.data) for m in range(self.tensor)]
 
+    def stage_layers(self, num_layers: int) -> list[range]:
+        """Block indices (0-based) of each pipeline stage, exactly as the runtime partitions them.
+
+        As even as possible, the first `num_layers % pipeline` stages one block longer.
+        Stage 0 also holds the embedding, the last stage the final norm and the head.
+        """
+        if not 1 <= self.pipeline <= num_layers:
+            raise ValueError(f"pipeline_parallel: {self.pipeline} stages do not fit {num_layers} layers")
+        per, extra = divmod(num_layers, self.pipeline)
+        bounds = [0]
+        for stage in range(self.pipeline):
+            bounds.append(bounds[-1] + per + (1 if stage < extra else 0))
+        return [range(start, stop) for start, stop in zip(bounds, bounds[1:])]
+
     # -- what can run -----------------------------------------------------------------------
     def problems(self, arch: Shape, *, zero_stage: int = 0, seq_length: int | None = None) -> list[Problem]:
         """Everything that stops this layout from training `arch`; empty when it can run."""
@@ -147,3 +163,30 @@ class ParallelLayout:
         found = self.problems(arch, zero_stage=zero_stage, seq_length=seq_length)
         if found:
             raise ValueError(found[0].named(style))
+
+
+def parameters_on_rank(arch: Shape, layout: ParallelLayout, coords: Coordinates) -> int:
+    """Parameter elements the rank at `coords` allocates (for a layout without problems).
+
+    Its stage's blocks with the QKV, dense, h_to_4h and 4h_to_h matrices (and the column-
+    parallel biases) split `layout.tensor` ways, LayerNorms and row-parallel biases whole;
+    the vocab-parallel embedding on the first stage, the final norm and the vocab-parallel
+    head on the last (a tied embedding is held by both the first and the last stage).
+    """
+    h, f, v, t = arch.hidden_size, arch.intermediate_size, arch.vocab_size, layout.tensor
+    per_block = (2 * 2 * h  # input and post-attention LayerNorms
+                 + (3 * h * h + 3 * h) // t  # query_key_value, column parallel
+                 + h * h // t + h  # attention.dense, row parallel (bias whole)
+                 + (f * h + f) // t  # dense_h_to_4h, column parallel
+                 + h * f // t + h)  # dense_4h_to_h, row parallel (bias whole)
+    stages = layout.stage_layers(arch.num_hidden_layers)
+    total = len(stages[coords.pipe]) * per_block
+    first, last = coords.pipe == 0, coords.pipe == layout.pipeline - 1
+    embedding = v * h // t
+    if first:
+        total += embedding
+    if last:
+        total += 2 * h  # final LayerNorm
+        if not (arch.tie_word_embeddings and first):  # one stage: the tied head is the embedding itself
+            total += embedding  # embed_out, or the last stage's copy of the tied embedding
+    return total

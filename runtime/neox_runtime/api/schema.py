@@ -20,8 +20,13 @@ from pydantic.alias_generators import to_camel
 class Rule:
     """A cross-field rule: CEL for the API server, `check` for Python.
 
-    `check` receives the validated model and returns True when the object is valid.
-    `message` must name the field it is about, the way the API server reports it.
+    `check` receives the validated model (for a rule on the resource's root, its
+    `metadata.name`) and returns True when the object is valid. `message` must name the
+    field it is about, the way the API server reports it. A rule whose refusal quotes the
+    offending values has both halves of that too: `message_expression` (CEL building the
+    string on the API server) and `explain` (the same string in Python); tests hold the
+    two equal on the shared corpus, and the API server falls back to `message` when the
+    expression cannot be evaluated.
     """
 
     cel: str
@@ -29,9 +34,27 @@ class Rule:
     check: Callable[[Any], bool]
     # Transition rules (oldSelf) only make sense on the API server.
     transition: bool = False
+    message_expression: str | None = None
+    explain: Callable[[Any], str] | None = None
+    # Enforced when the object is created, not on its updates: an object stored before the
+    # rule existed must keep a writable status (a rule on an immutable field loses nothing).
+    on_create: bool = False
 
-    def as_crd(self) -> dict[str, str]:
-        return {"rule": self.cel, "message": self.message}
+    def as_crd(self) -> dict[str, Any]:
+        if self.on_create:
+            crd: dict[str, Any] = {"rule": f"oldSelf.hasValue() || {self.cel}", "optionalOldSelf": True}
+        else:
+            crd = {"rule": self.cel}
+        crd["message"] = self.message
+        if self.message_expression is not None:
+            crd["messageExpression"] = self.message_expression
+        return crd
+
+    def refusal(self, value: Any) -> str | None:
+        """None when `value` passes; else the message the API server would give."""
+        if self.transition or self.check(value):
+            return None
+        return self.explain(value) if self.explain is not None else self.message
 
 
 class CRDModel(BaseModel):
@@ -48,9 +71,10 @@ class CRDModel(BaseModel):
 
     @model_validator(mode="after")
     def _apply_rules(self) -> "CRDModel":
-        for rule in self.rules:
-            if not rule.transition and not rule.check(self):
-                raise ValueError(rule.message)
+        # Every broken rule at once, as the API server reports them.
+        refusals = [refusal for rule in self.rules if (refusal := rule.refusal(self)) is not None]
+        if refusals:
+            raise ValueError("; ".join(refusals))
         return self
 
     def to_wire(self) -> dict[str, Any]:

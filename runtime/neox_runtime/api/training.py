@@ -9,27 +9,24 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
 from .architecture import PRESET_NAMES, PRESETS, HiddenAct, ModelArchitecture
 from .common import (
     CONDITIONS_FIELD_EXTRA, DEFAULT_RUNTIME_IMAGE, QUANTITY_PATTERN, Condition,
     Resources, Scheduling, not_both,
 )
+from .layout import ParallelLayout
 from .schema import CRDModel, Rule
+from .spec_rules import LAYOUT_RULES, arch_cel, arch_value, camel, unclaimed_problems
 
-MAX_NAME_LENGTH = 40  # see names.py: "<name>-r999-<index>" must stay a valid 63-char hostname
+# names.py: "<name>-a<attempt>-<index>" (a pod hostname) must stay a 63-character DNS label
+MAX_NAME_LENGTH = 40
 
-
-def _cel_map(values: dict[str, int]) -> str:
-    return "{" + ", ".join(f"'{k}': {v}" for k, v in values.items()) + "}"
-
-
-PRESET_HEADS_CEL = _cel_map({n: p.architecture.num_attention_heads for n, p in PRESETS.items()})
-PRESET_HIDDEN_CEL = _cel_map({n: p.architecture.hidden_size for n, p in PRESETS.items()})
-
-_ARCH_REQUIRED_WITHOUT_PRESET = ("vocab_size", "hidden_size", "num_hidden_layers",
-                                 "num_attention_heads", "intermediate_size")
+# The ModelArchitecture fields without a default: a spec without a preset must set them all.
+_ARCH_REQUIRED_WITHOUT_PRESET = tuple(n for n, f in ModelArchitecture.model_fields.items() if f.is_required())
+_ARCH_REQUIRED_LIST = ", ".join(camel(n) for n in _ARCH_REQUIRED_WITHOUT_PRESET[:-1]) + \
+    f" and {camel(_ARCH_REQUIRED_WITHOUT_PRESET[-1])}"
 
 
 def _override_field(name: str) -> tuple[Any, Any]:
@@ -57,32 +54,8 @@ ArchitectureOverrides = create_model(
 ArchitectureOverrides.__doc__ = "Architecture fields; each one set overrides the preset's value."
 
 
-def _heads(model: "ModelSpec") -> int | None:
-    if model.architecture is not None and model.architecture.num_attention_heads is not None:
-        return model.architecture.num_attention_heads
-    return PRESETS[model.preset].architecture.num_attention_heads if model.preset else None
-
-
-def _hidden(model: "ModelSpec") -> int | None:
-    if model.architecture is not None and model.architecture.hidden_size is not None:
-        return model.architecture.hidden_size
-    return PRESETS[model.preset].architecture.hidden_size if model.preset else None
-
-
-def _arch_field_cel(model: str, field: str, preset_map: str) -> tuple[str, str]:
-    """(is-known, value) CEL expressions for an architecture field of the model at `model`.
-
-    `has(a.b.c)` errors when `a.b` is absent, hence the guard on `architecture` first.
-    """
-    explicit = f"(has({model}.architecture) && has({model}.architecture.{field}))"
-    known = f"(has({model}.preset) || {explicit})"
-    value = f"({explicit} ? {model}.architecture.{field} : {preset_map}[{model}.preset])"
-    return known, value
-
-
-_HEADS_KNOWN, _HEADS = _arch_field_cel("self", "numAttentionHeads", PRESET_HEADS_CEL)
-_HIDDEN_KNOWN, _HIDDEN = _arch_field_cel("self", "hiddenSize", PRESET_HIDDEN_CEL)
-_SPEC_HEADS_KNOWN, _SPEC_HEADS = _arch_field_cel("self.model", "numAttentionHeads", PRESET_HEADS_CEL)
+_HEADS_KNOWN, _HEADS = arch_cel("self", "num_attention_heads")
+_HIDDEN_KNOWN, _HIDDEN = arch_cel("self", "hidden_size")
 
 
 class ModelSpec(CRDModel):
@@ -91,8 +64,7 @@ class ModelSpec(CRDModel):
         + ", ".join(PRESET_NAMES) + ". Fields in `architecture` override it.")
     architecture: ArchitectureOverrides | None = Field(  # type: ignore[valid-type]
         None, description="Explicit architecture (Hugging Face GPTNeoXConfig fields in camelCase). "
-        "Without a preset, vocabSize, hiddenSize, numHiddenLayers, numAttentionHeads and "
-        "intermediateSize are required.")
+        f"Without a preset, {_ARCH_REQUIRED_LIST} are required.")
     init_from: str | None = Field(
         None, description="Path (inside the data volume) of a Hugging Face format model whose "
         "weights initialise training, for fine-tuning.")
@@ -100,18 +72,16 @@ class ModelSpec(CRDModel):
     rules = (
         Rule(
             cel="has(self.preset) || (has(self.architecture) && "
-            + " && ".join(f"has(self.architecture.{f})" for f in
-                          ("vocabSize", "hiddenSize", "numHiddenLayers", "numAttentionHeads",
-                           "intermediateSize")) + ")",
-            message="spec.model: set preset, or architecture with vocabSize, hiddenSize, "
-            "numHiddenLayers, numAttentionHeads and intermediateSize",
+            + " && ".join(f"has(self.architecture.{camel(f)})" for f in _ARCH_REQUIRED_WITHOUT_PRESET) + ")",
+            message=f"spec.model: set preset, or architecture with {_ARCH_REQUIRED_LIST}",
             check=lambda m: m.preset is not None or (m.architecture is not None and all(
                 getattr(m.architecture, f) is not None for f in _ARCH_REQUIRED_WITHOUT_PRESET)),
         ),
         Rule(
             cel=f"!{_HIDDEN_KNOWN} || !{_HEADS_KNOWN} || {_HIDDEN} % {_HEADS} == 0",
             message="spec.model.architecture.hiddenSize must be divisible by numAttentionHeads",
-            check=lambda m: _hidden(m) is None or _heads(m) is None or _hidden(m) % _heads(m) == 0,
+            check=lambda m: None in (arch_value(m, "hidden_size"), arch_value(m, "num_attention_heads"))
+            or arch_value(m, "hidden_size") % arch_value(m, "num_attention_heads") == 0,
         ),
         Rule(cel="self == oldSelf", message="spec.model is immutable",
              check=lambda m: True, transition=True),
@@ -189,6 +159,9 @@ class ParallelismSpec(CRDModel):
     @property
     def data_parallel(self) -> int:
         return self.world_size // (self.tensor * self.pipeline)
+
+    def layout(self) -> ParallelLayout:
+        return ParallelLayout(world_size=self.world_size, tensor=self.tensor, pipeline=self.pipeline)
 
 
 PARALLELISM_RANKS_CEL = ("(self.parallelism.nodes * (self.parallelism.gpusPerNode > 0 ? "
@@ -301,12 +274,27 @@ class NeoXTrainingSpec(CRDModel):
                 s.training.micro_batch_size * s.training.gradient_accumulation_steps
                 * s.parallelism.data_parallel),
         ),
-        Rule(
-            cel=f"!{_SPEC_HEADS_KNOWN} || {_SPEC_HEADS} % self.parallelism.tensor == 0",
-            message="spec.parallelism.tensor must divide the number of attention heads",
-            check=lambda s: _heads(s.model) is None or _heads(s.model) % s.parallelism.tensor == 0,
-        ),
+        # What ParallelLayout.problems refuses: tensor divides heads, MLP width and vocabulary;
+        # pipeline within the layers; ZeRO stage allowed with the layout; seqLength within positions.
+        *LAYOUT_RULES,
     )
+
+    @model_validator(mode="after")
+    def _layout_can_run(self) -> "NeoXTrainingSpec":
+        """What only Python can see is refused here, and so marked by the operator (Feasible=False).
+
+        CEL cannot read inside the free-form `deepspeed` object, and a layout problem newer
+        than the CRD's rules has no CEL half yet.
+        """
+        stage = ((self.deepspeed or {}).get("zero_optimization") or {}).get("stage", self.training.zero_stage)
+        if stage != self.training.zero_stage:
+            raise ValueError(f"spec.deepspeed.zero_optimization.stage: {stage!r} differs from "
+                             f"spec.training.zeroStage ({self.training.zero_stage}); set the stage "
+                             "in spec.training.zeroStage, which the layout checks and the planner read")
+        problems = unclaimed_problems(self)
+        if problems:
+            raise ValueError("; ".join(p.named("spec") for p in problems))
+        return self
 
     def architecture(self) -> ModelArchitecture:
         return self.model.resolve()
@@ -344,7 +332,8 @@ class NeoXTrainingStatus(CRDModel):
     latest_checkpoint: CheckpointStatus | None = Field(None, description="Latest complete checkpoint.")
     start_time: str | None = Field(None, description="When the first pod group was created.")
     completion_time: str | None = Field(None, description="When the training succeeded or failed.")
-    estimate: str | None = Field(None, description="Estimated GPU memory per rank, from the planner.")
+    estimate: str | None = Field(
+        None, description="Estimated memory per rank, on its GPU and on the host, from the planner.")
 
     field_extra = {"conditions": CONDITIONS_FIELD_EXTRA}
 
