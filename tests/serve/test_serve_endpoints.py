@@ -149,3 +149,28 @@ def test_tokenize_endpoints_take_the_api_key(model_dir, tmp_path):
             assert post(srv, path, body, headers={"Authorization": "Bearer sk-tokenize-test"}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_chat_template_flag_overrides_the_directory_and_a_broken_one_stops_the_start(model_dir, tmp_path):
+    from neox_runtime.serve.api.app import build_state
+    from neox_runtime.serve.cli import parse_args
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    cfg = parse_args(["--model", str(model_dir), "--chat-template", str(template), "--max-num-seqs", "2",
+                      "--max-num-batched-tokens", "64"])
+    assert cfg.chat_template == template
+    cfg.port = serve_config(model_dir).port
+    srv = RunningServer(cfg)
+    try:
+        hf = AutoTokenizer.from_pretrained(model_dir)
+        eos = hf.convert_ids_to_tokens(0)  # no tokenizer_config.json: the model's EOS ends a turn
+        expected = hf.apply_chat_template(MESSAGES, chat_template=TEMPLATE, tokenize=True, add_generation_prompt=True,
+                                          return_dict=False, bos_token=eos, eos_token=eos)
+        assert post(srv, "/tokenize", {"messages": MESSAGES}).json()["tokens"] == list(expected)
+    finally:
+        srv.stop()
+    template.write_text("{% for m in messages %}{{ m['content'] }")
+    cfg = parse_args(["--model", str(model_dir), "--chat-template", str(template)])
+    with pytest.raises(ValueError, match="chat.jinja does not compile"):
+        build_state(cfg)

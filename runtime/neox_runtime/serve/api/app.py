@@ -81,7 +81,8 @@ def build_state(cfg: ServeConfig, hooks: list[ModerationHook] | None = None) -> 
         keys=KeyStore.from_path(s.api_keys_file) if s.api_keys_file else None,
         limiter=RateLimiter(s.requests_per_minute, s.tokens_per_minute), hooks=hooks,
         audit=AuditLog(s.audit_log), watermark=watermark,
-        chat_format=ChatFormat.from_model_dir(cfg.engine.model, loaded.tokenizer, loaded.eos_token_id),
+        chat_format=ChatFormat.from_model_dir(cfg.engine.model, loaded.tokenizer, loaded.eos_token_id,
+                                              cfg.chat_template),
         eos_token_id=loaded.eos_token_id)
 
 

@@ -1,14 +1,16 @@
 """How chat messages become one prompt: the model's Hugging Face chat template, else a plain transcript.
 
-Template: `chat_template.jinja` in the model directory, else `chat_template` in its
-`tokenizer_config.json` (a string, or a list of named templates of which "default" is
-used). It is rendered as transformers renders it: a sandboxed jinja2 environment
-(trim_blocks, lstrip_blocks, loop controls, `tojson`, `raise_exception`, `strftime_now`)
-given `messages` (dicts of role, content and name), `add_generation_prompt` and the
-tokenizer's special tokens (`bos_token`, `eos_token`, ...). A template that raises (say,
-"roles must alternate") refuses the request with a 400. "developer" messages are passed
-as "system". When the template's `eos_token` is not the model's EOS (ChatML's
-`<|im_end|>`, say), it also ends a turn, as a stop token.
+Template: `--chat-template FILE`, else `chat_template.jinja` in the model directory, else
+`chat_template` in its `tokenizer_config.json` (a string, or a list of named templates of
+which "default" is used). It is rendered as transformers renders it: a sandboxed jinja2
+environment (trim_blocks, lstrip_blocks, loop controls, `tojson`, `raise_exception`,
+`strftime_now`) given `messages` (dicts of role, content and name),
+`add_generation_prompt` and the tokenizer's special tokens (`bos_token`, `eos_token`, ...,
+from tokenizer_config.json, else config.json's ids). A template that raises (say, "roles
+must alternate") refuses the request with a 400. "developer" messages are passed as
+"system". When the template's `eos_token` is not the model's EOS (ChatML's `<|im_end|>`,
+say), it also ends a turn, as a stop token. `continue_final_message` (/tokenize) renders
+without the generation prompt and cuts right after the final message's text.
 
 Base Pythia/NeoX checkpoints have no template, so the server falls back to this plain
 transcript, which such models continue sensibly:
@@ -34,7 +36,7 @@ from pathlib import Path
 
 TURN_STOP = "\nUser:"
 _ROLE = {"user": "User", "assistant": "Assistant"}
-_CONTINUE_MARK = "\x00neox-continue\x00"  # no client text holds it: a NUL is not in any template either
+_CONTINUE_MARK = "\x00neox-continue\x00"  # marks where the final message's text ends in a rendering
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 
 
@@ -82,22 +84,27 @@ class ChatFormat:
         self.template = _compile(template) if template is not None else None
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, tokenizer, eos_token_id: int | None) -> "ChatFormat":
+    def from_model_dir(cls, model_dir: Path, tokenizer, eos_token_id: int | None,
+                       template_file: Path | None = None) -> "ChatFormat":
+        """The directory's template (or `template_file`, which wins) with its special tokens."""
         config_file = Path(model_dir) / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        source = _template_source(Path(model_dir), config)
+        source = Path(template_file).read_text() if template_file else _template_source(Path(model_dir), config)
         special = {k: _token_text(config[k]) for k in SPECIAL_TOKEN_KEYS if _token_text(config.get(k))}
         if "additional_special_tokens" in config:
             special["additional_special_tokens"] = [_token_text(t) for t in config["additional_special_tokens"]]
         if source is None:
             return cls()
-        if "eos_token" not in special and eos_token_id is not None:
-            special["eos_token"] = tokenizer.id_to_token(eos_token_id)
+        model_config = Path(model_dir) / "config.json"
+        bos_token_id = json.loads(model_config.read_text()).get("bos_token_id") if model_config.is_file() else None
+        for key, token_id in (("bos_token", bos_token_id), ("eos_token", eos_token_id)):
+            if key not in special and isinstance(token_id, int) and tokenizer.id_to_token(token_id) is not None:
+                special[key] = tokenizer.id_to_token(token_id)  # config.json's ids when the tokenizer names none
         turn_end = tokenizer.token_to_id(special["eos_token"]) if "eos_token" in special else None
         try:
             return cls(source, special, turn_end if turn_end != eos_token_id else None)
         except Exception as exc:  # noqa: BLE001 - a broken template must stop the server at start, by name
-            raise ValueError(f"model path {model_dir}: its chat template does not compile: {exc}") from exc
+            raise ValueError(f"chat template of {template_file or model_dir} does not compile: {exc}") from exc
 
     def render(self, messages: list[dict], *, steering: str | None = None, add_generation_prompt: bool = True,
                continue_final_message: bool = False) -> RenderedChat:
