@@ -104,8 +104,18 @@ class LLMEngine:
         self.scheduler.record_computed(step)
         deltas = self._score_prompts(step.scored, logits[len(step.sampled):]) if step.scored else []
         deltas += self._update(step.sampled, logits[:len(step.sampled)]) if step.sampled else []
-        deltas += [self._finish_prompt_only(seq) for seq in step.prompt_only if not seq.finished]
+        for seq in step.prompt_only:
+            if not seq.finished:
+                deltas += self._guarded(seq, lambda seq=seq: self._finish_prompt_only(seq))
         return deltas
+
+    def _guarded(self, seq: Sequence, work) -> list[SequenceDelta]:
+        """[work()], the delta of `seq`; if it raises, `seq`'s request fails and the step goes on."""
+        try:
+            return [work()]
+        except Exception as exc:  # noqa: BLE001 - this request fails, the others run on
+            log.exception("A sequence failed request_id=%s", seq.request_id)
+            return self.fail_request(seq, exc)
 
     def fail_request(self, seq: Sequence, exc: BaseException) -> list[SequenceDelta]:
         """Fail the request of `seq` alone: an error delta for each of its unfinished choices, then abort it."""
@@ -157,18 +167,15 @@ class LLMEngine:
         tokens, logprobs = self._sample(seqs, logits)
         now = time.monotonic()
         self.last_progress = now
-        deltas, generated = [], 0
+        deltas = []
         for seq, tok, lp in zip(seqs, tokens, logprobs):
             if seq.finished:  # another choice of its request failed earlier in this loop
                 continue
-            try:
-                if isinstance(tok, BaseException):
-                    raise tok
-                deltas.append(self._advance(seq, tok, lp, now))
-                generated += 1
-            except Exception as exc:  # noqa: BLE001 - this request fails, the others run on
-                log.exception("Advancing a sequence failed request_id=%s", seq.request_id)
-                deltas += self.fail_request(seq, exc)
+            if isinstance(tok, BaseException):
+                deltas += self.fail_request(seq, tok)
+            else:
+                deltas += self._guarded(seq, lambda seq=seq, tok=tok, lp=lp: self._advance(seq, tok, lp, now))
+        generated = sum(len(d.token_ids) for d in deltas)
         self.tokens_generated += generated
         if self.metrics:
             self.metrics.generated(generated)
@@ -190,6 +197,7 @@ class LLMEngine:
                 tokens.append(tok[0])
                 logprobs.append(lp[0])
             except Exception as exc:  # noqa: BLE001 - this row's failure, reported by _update
+                log.exception("Sampling a row failed request_id=%s", seq.request_id)
                 tokens.append(exc)
                 logprobs.append(None)
         return tokens, logprobs
