@@ -55,3 +55,11 @@ def run_all(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingPara
             tokens, text, finish, lps = out[d.request_id].get(d.index, ([], "", None, []))
             out[d.request_id][d.index] = (tokens + d.token_ids, text + d.text, d.finish_reason, lps + d.logprobs)
     return out
+
+
+def reference_logprobs(hf_model, ids: list[int]):
+    """transformers' log-softmax over one prompt: row t is the distribution of token t + 1, (T, V)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), dim=-1)

@@ -156,3 +156,17 @@ def test_health_and_ready(server):
     import httpx
     assert httpx.get(server.url + "/health").status_code == 200
     assert httpx.get(server.url + "/ready").json() == {"ready": True}
+
+
+def test_vllm_sampling_extensions_are_honoured_over_http(client):
+    """stop_token_ids, min_tokens and min_p (vLLM's names) change the answer; they are not ignored."""
+    kw = dict(model="tiny-neox", prompt="the model serves", max_tokens=10, temperature=0)
+    forced = {"logit_bias": {"7": 100}, "ignore_eos": True}  # every token is 7
+    r = client.completions.create(extra_body={**forced, "stop_token_ids": [7]}, **kw)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", 1)
+    r = client.completions.create(extra_body={**forced, "stop_token_ids": [7], "min_tokens": 3}, **kw)
+    assert (r.choices[0].finish_reason, r.usage.completion_tokens) == ("stop", 4)
+    greedy = client.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].text
+    hot = client.completions.create(extra_body={"ignore_eos": True, "min_p": 1.0}, seed=4,
+                                    **{**kw, "temperature": 2.0}).choices[0].text
+    assert hot == greedy

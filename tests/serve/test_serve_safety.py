@@ -114,6 +114,32 @@ def test_blocked_prompt_is_refused_or_redacted_and_audited(guarded, model_dir, t
         refusing.stop()
 
 
+def test_token_id_prompts_and_each_chat_message_are_moderated_like_text(guarded, model_dir, tmp_path):
+    tok = guarded.state.tokenizer
+    ids = tok.encode("say forbiddenword now").ids
+    redacted = post(guarded, "/v1/completions", {"prompt": ids, "max_tokens": 1, "echo": True})
+    assert redacted.status_code == 200  # redact mode: the model gets the cleaned text's tokens
+    assert redacted.json()["choices"][0]["text"].startswith("say [redacted] now")
+    assert redacted.json()["usage"]["prompt_tokens"] == len(tok.encode("say [redacted] now").ids)
+    refusing = RunningServer(serve_config(model_dir, safety=SafetyConfig(
+        blocklist=("forbiddenword",), audit_log=tmp_path / "audit.jsonl")))
+    try:
+        for body, param in (({"prompt": ids}, "prompt"), ({"prompt": [[5, 6], ids]}, "prompt"),
+                            ({"messages": [{"role": "system", "content": "fine"},
+                                           {"role": "user", "content": [{"type": "text", "text": "say"},
+                                                                        {"type": "text", "text": " forbiddenword"}]}]},
+                             "messages.1.content")):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            r = httpx.post(refusing.url + path, json=body, timeout=60)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "content_policy_violation", r.text
+            assert r.json()["error"]["param"] == param
+        ok = httpx.post(refusing.url + "/v1/completions", json={"prompt": tok.encode("say fine words").ids,
+                                                                 "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+    finally:
+        refusing.stop()
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_output_moderation_applies_to_emitted_text_even_when_streamed(moderated, plain_greedy, stream):
     prompt, word = moderated.blocked

@@ -114,3 +114,48 @@ def test_eos_finishes_unless_ignored(built, encode):
         assert out[2] == "stop" and out[0] == tokens[:k + 1]
     finally:
         engine.eos_token_id = saved
+
+
+def test_stop_token_ids_finish_with_the_token_kept(engine, encode):
+    p = encode("the model serves")
+    tokens = one(engine, p, max_tokens=16, temperature=0.0)[0][0]
+    stop = tokens[4]
+    k = tokens.index(stop)
+    out, _, reason, _ = run_all(engine, {"r": (p, SamplingParams(max_tokens=16, temperature=0.0,
+                                                                 stop_token_ids=(stop,)))})["r"][0]
+    assert reason == "stop" and out == tokens[:k + 1]
+
+
+def test_min_tokens_holds_back_eos_stop_tokens_and_stop_strings(built, encode):
+    engine, _ = built
+    p = encode("the")
+    tokens, text, _, _ = one(engine, p, max_tokens=12, temperature=0.0)[0]
+    stop_id = tokens[1]
+    saved = engine.eos_token_id
+    engine.eos_token_id = tokens[0]  # greedy would end at once on this "EOS"
+    try:
+        plain = run_all(engine, {"r": (p, SamplingParams(max_tokens=12, temperature=0.0))})["r"][0]
+        assert plain[2] == "stop" and plain[0] == tokens[:1]
+        held = run_all(engine, {"r": (p, SamplingParams(max_tokens=12, temperature=0.0, min_tokens=6,
+                                                        stop_token_ids=(stop_id,)))})["r"][0]
+        out, _, reason, _ = held
+        assert len(out) >= 6 and not {engine.eos_token_id, stop_id} & set(out[:6])
+        assert reason == "length" or (reason == "stop" and out[-1] in (engine.eos_token_id, stop_id))
+    finally:
+        engine.eos_token_id = saved
+    stop = text[1:3]  # a stop string the greedy text hits at once
+    _, early, reason, _ = one(engine, p, max_tokens=12, temperature=0.0, stop=(stop,))[0]
+    assert reason == "stop" and early == text[:text.index(stop)]
+    _, late, reason, _ = one(engine, p, max_tokens=12, temperature=0.0, stop=(stop,), min_tokens=12)[0]
+    assert reason == "length" and late == text  # every token is under min_tokens: nothing can stop it
+
+
+def test_min_p_keeps_only_tokens_near_the_best(engine, encode):
+    p = encode("the cluster")
+    greedy = one(engine, p, max_tokens=12, temperature=0.0)[0][0]
+    assert one(engine, p, max_tokens=12, temperature=2.0, min_p=1.0, seed=3)[0][0] == greedy
+    temperature, min_p = 1.5, 0.3
+    for seed in range(6):
+        _, _, _, lps = one(engine, p, max_tokens=4, temperature=temperature, min_p=min_p, seed=seed, logprobs=1)[0]
+        for lp in lps:  # p_T(token) >= min_p * p_T(best)  <=>  (logprob - best) / T >= log(min_p)
+            assert (lp.logprob - lp.top[0][1]) / temperature >= math.log(min_p) - 1e-5

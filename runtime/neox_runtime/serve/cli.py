@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
     p.add_argument("--blocklist-file", type=Path, help="blocked terms, one a line")
     p.add_argument("--blocklist-action", default="refuse", choices=["refuse", "redact"])
     p.add_argument("--system-prompt", help="steering prompt placed first in every chat")
+    p.add_argument("--chat-template", type=Path,
+                   help="jinja2 chat template file (default: the model directory's, else a plain transcript)")
     p.add_argument("--audit-log", type=Path, help="JSON-lines audit log of refused and flagged requests")
     p.add_argument("--watermark-key-file", type=Path, help="secret for output watermarking (on when given)")
     p.add_argument("--watermark-gamma", type=float, default=0.25)
@@ -68,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> ServeConfig:
         watermark_key=a.watermark_key_file.read_text().strip() if a.watermark_key_file else None,
         watermark_gamma=a.watermark_gamma, watermark_delta=a.watermark_delta)
     return ServeConfig(engine=engine, safety=safety, host=a.host, port=a.port,
-                       drain_grace_seconds=a.drain_grace_seconds, health_stall_seconds=a.health_stall_seconds)
+                       drain_grace_seconds=a.drain_grace_seconds, health_stall_seconds=a.health_stall_seconds,
+                       chat_template=a.chat_template)
 
 
 class DrainingServer(uvicorn.Server):

@@ -63,3 +63,4 @@ class ServeConfig:
     port: int = 8000
     drain_grace_seconds: float = 30.0
     health_stall_seconds: float = 30.0  # /health fails when work is pending and no token came for this long
+    chat_template: Path | None = None  # a jinja2 file used instead of the model directory's own template

@@ -1,7 +1,8 @@
 """The FastAPI application: routes, auth, drain gate, health, readiness and metrics.
 
-`ServerState` holds what every request needs (engine, tokenizer, safety pieces); it is
-built once by `build_state` from the `ServeConfig` and passed whole to `create_app`.
+`ServerState` holds what every request needs (engine, tokenizer, chat format, safety
+pieces); it is built once by `build_state` from the `ServeConfig` and passed whole to
+`create_app`. Every endpoint but /health, /ready and /metrics takes the API key.
 Draining (after SIGTERM): /ready answers 503, new /v1 requests get 503, requests
 already in flight (streams included) run to the end; `inflight` counts them until
 their last byte is sent.
@@ -14,7 +15,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-from fastapi import Depends, FastAPI, Header
+from fastapi import Body, Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -25,9 +26,12 @@ from neox_runtime.safety.moderation import BlocklistHook, ModerationHook
 from neox_runtime.safety.ratelimit import RateLimiter
 from neox_runtime.safety.watermark import WatermarkProcessor, detect_text
 from neox_runtime.serve.api import errors
+from neox_runtime.serve.api.chat import ChatFormat
 from neox_runtime.serve.api.errors import APIError
-from neox_runtime.serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetectRequest
+from neox_runtime.serve.api.prepare import Preparer
+from neox_runtime.serve.api.protocol import ChatCompletionRequest, CompletionRequest, DetectRequest, DetokenizeRequest
 from neox_runtime.serve.api.serving import Serving
+from neox_runtime.serve.api.tokenization import Tokenization, parse_tokenize
 from neox_runtime.serve.config import ServeConfig
 from neox_runtime.serve.engine.async_engine import AsyncEngine
 from neox_runtime.serve.engine.build import build_engine
@@ -48,6 +52,7 @@ class ServerState:
     hooks: list[ModerationHook]
     audit: AuditLog
     watermark: WatermarkProcessor | None
+    chat_format: ChatFormat = field(default_factory=ChatFormat)
     eos_token_id: int | None = None
     draining: bool = False
     inflight: int = 0
@@ -75,7 +80,10 @@ def build_state(cfg: ServeConfig, hooks: list[ModerationHook] | None = None) -> 
         max_len=built["engine"].max_len, model_name=cfg.engine.model_name, metrics=metrics,
         keys=KeyStore.from_path(s.api_keys_file) if s.api_keys_file else None,
         limiter=RateLimiter(s.requests_per_minute, s.tokens_per_minute), hooks=hooks,
-        audit=AuditLog(s.audit_log), watermark=watermark, eos_token_id=loaded.eos_token_id)
+        audit=AuditLog(s.audit_log), watermark=watermark,
+        chat_format=ChatFormat.from_model_dir(cfg.engine.model, loaded.tokenizer, loaded.eos_token_id,
+                                              cfg.chat_template),
+        eos_token_id=loaded.eos_token_id)
 
 
 class InflightGate:
@@ -129,16 +137,27 @@ def create_app(state: ServerState) -> FastAPI:
                            param="model", code="model_not_found")
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, key_id: str = Depends(authorize)):
+    async def completions(req: CompletionRequest, request: Request, key_id: str = Depends(authorize)):
         check_model(req.model)
-        serving = Serving(state)
-        return await serving.respond(serving.prepare_completion(req, key_id))
+        job = Preparer(state, key_id, "/v1/completions", req.user).completion(req)
+        return await Serving(state).respond(job, request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, key_id: str = Depends(authorize)):
+    async def chat_completions(req: ChatCompletionRequest, request: Request, key_id: str = Depends(authorize)):
         check_model(req.model)
-        serving = Serving(state)
-        return await serving.respond(serving.prepare_chat(req, key_id))
+        job = Preparer(state, key_id, "/v1/chat/completions", req.user).chat(req)
+        return await Serving(state).respond(job, request)
+
+    @app.post("/tokenize")
+    async def tokenize(body=Body(...), key_id: str = Depends(authorize)):
+        req = parse_tokenize(body)
+        check_model(req.model)
+        return Tokenization(state, key_id).tokenize(req)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest, key_id: str = Depends(authorize)):
+        check_model(req.model)
+        return Tokenization(state, key_id).detokenize(req)
 
     @app.get("/v1/models")
     async def models(_: str = Depends(authorize)):

@@ -1,7 +1,9 @@
 """Errors in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, never a bare 5xx.
 
 Validation problems (including malformed JSON) become 400 with the offending field in
-`param`; the handlers are installed on the app by `install`.
+`param`; a field no request model declares is OpenAI's "Unrecognized request argument
+supplied". The handlers are installed on the app by `install`. Messages never quote the
+client's input (it may not even be encodable: a lone surrogate).
 """
 
 from __future__ import annotations
@@ -52,12 +54,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
         errors = exc.errors()
-        # For a union (prompt: str | list[int] | ...) the deepest error is the informative one.
-        first = max(errors, key=lambda e: len(e.get("loc", ())), default={"loc": (), "msg": "invalid request"})
+        # For a union (prompt: str | list[int] | ...) a validator's own error is from the branch the
+        # value's type matched, so it wins; otherwise the deepest error is the informative one.
+        first = max(errors, key=lambda e: (e.get("type") == "value_error", len(e.get("loc", ()))),
+                    default={"loc": (), "msg": "invalid request"})
         if any(e.get("type") == "json_invalid" for e in errors):
             return error_response(APIError(400, "We could not parse the JSON body of your request.",
                                            code="invalid_json"))
         param = _param(tuple(first.get("loc", ())))
+        if first.get("type") == "extra_forbidden":
+            return error_response(APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
+                                           code="unrecognized_argument"))
         msg = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return error_response(APIError(400, msg, param=param, code="invalid_value"))
 

@@ -6,6 +6,11 @@ come back to the event loop in one `call_soon_threadsafe`. Torch releases the GI
 its kernels, so the HTTP loop keeps serving while a step computes. The thread also keeps
 what `/health` needs: whether work is pending and when the last token came.
 
+A request the engine fails (see `isolation`) raises `RequestFailedError` in its own
+`generate` only; the engine is dead (`error` set, every stream and later request fails
+with `EngineDeadError`) only when a step raises past isolation, which happens when
+known-good input fails too.
+
 Why the same thread builds and runs: torch's CPU kernels use OpenMP, and libgomp keeps a
 worker pool per thread that ever ran a parallel region. Once two pools exist there are
 more OpenMP threads than cores, libgomp stops spinning between regions, and every
@@ -30,7 +35,15 @@ log = logging.getLogger(__name__)
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine cannot run anything any more (the server reports itself unhealthy)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request alone; the others run on."""
+
+
+class RequestRefusedError(ValueError):
+    """The engine refused to admit this request (a check the API layer makes first, made again)."""
 
 
 class AsyncEngine:
@@ -94,8 +107,14 @@ class AsyncEngine:
         try:
             while remaining:
                 item = await stream.get()
+                if isinstance(item, RequestRefusedError):
+                    remaining = 0
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(str(item))
+                if item.error is not None:
+                    remaining = 0  # the engine has already dropped the request
+                    raise RequestFailedError(item.error)
                 if item.finish_reason is not None:
                     remaining -= 1
                 yield item
@@ -110,7 +129,6 @@ class AsyncEngine:
 
     def _run(self) -> None:
         eng = self.engine
-        failures = 0
         while not self._stop:
             self._take_commands()
             if not eng.has_work():
@@ -122,17 +140,13 @@ class AsyncEngine:
                 self.pending, self.last_progress = True, time.monotonic()
             try:
                 deltas = eng.step()
-                failures = 0
-            except Exception as exc:  # fail the requests in flight; after repeated failures the engine is dead
-                log.exception("Engine step failed")
-                failures += 1
+            except Exception as exc:  # past isolation: known-good input fails too, nothing can run
+                log.exception("Engine is broken; failing every request")
+                self.error = exc
                 for rid in eng.request_ids():
                     eng.abort(rid)
                 self._loop.call_soon_threadsafe(self._fail_all, exc)
-                if failures >= 3:
-                    self.error = exc
-                    return
-                continue
+                return
             if eng.last_progress > self.last_progress:
                 self.last_progress = eng.last_progress
             if deltas:
@@ -148,7 +162,7 @@ class AsyncEngine:
                 try:
                     self.engine.add_request(*cmd[1:])
                 except ValueError as exc:
-                    self._loop.call_soon_threadsafe(self._fail, cmd[1], exc)
+                    self._loop.call_soon_threadsafe(self._fail, cmd[1], RequestRefusedError(str(exc)))
             else:
                 self.engine.abort(cmd[1])
 

@@ -21,12 +21,14 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off; else drop tokens below min_p x the top token's probability (vLLM)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # finish like EOS (the token is kept in the output)
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot finish a choice before this many
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None = off; k >= 0 top alternatives per token
@@ -107,3 +109,4 @@ class SequenceDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     prompt_logprobs: list[TokenLogprob] | None = None  # on a sequence's first delta, when asked for
+    error: str | None = None  # set on the last delta of a request the engine failed (finish_reason "error")
