@@ -49,8 +49,14 @@ def _bounds(index: slice, size: int) -> tuple[int, int]:
 
 
 def init_slice(hf_name: str, full_shape: Sequence[int], arch: ModelArchitecture, seed: int,
-               index: tuple[slice, ...] | None = None) -> torch.Tensor:
-    """`init_parameter(...)[index]`, drawing only the row chunks that overlap the index."""
+               index: tuple[slice, ...] | None = None, scratch: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """`init_parameter(...)[index]`, drawing only the row chunks that overlap the index.
+
+    Chunks are drawn into one reusable buffer (`scratch`, shared across calls): freeing a
+    fresh 16 MB block per chunk would raise glibc's mmap threshold, so the parameters
+    allocated next would come from the heap, which DeepSpeed's flattening later leaves
+    fragmented (measured: +0.6 GB resident per rank on pythia-410m).
+    """
     index = index or tuple(slice(None) for _ in full_shape)
     mean, std = parameter_init(hf_name, arch)
     local = tuple(b - a for a, b in (_bounds(i, n) for i, n in zip(index, full_shape)))
@@ -59,11 +65,14 @@ def init_slice(hf_name: str, full_shape: Sequence[int], arch: ModelArchitecture,
     start, stop = _bounds(index[0], full_shape[0])
     row_elements = math.prod(full_shape[1:])
     rows_per_chunk = max(1, CHUNK_ELEMENTS // row_elements)
+    scratch = scratch if scratch is not None else []
+    if not scratch or scratch[0].numel() < rows_per_chunk * row_elements:
+        scratch[:] = [torch.empty(rows_per_chunk * row_elements)]
     out = torch.empty(local)
     for chunk in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
         first, last = chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, full_shape[0])
-        block = torch.empty((last - first, *full_shape[1:])).normal_(mean, std, generator=_generator(seed, hf_name,
-                                                                                                       chunk))
+        block = scratch[0][:(last - first) * row_elements].view(last - first, *full_shape[1:])
+        block.normal_(mean, std, generator=_generator(seed, hf_name, chunk))
         lo, hi = max(start, first), min(stop, last)
         out[lo - start:hi - start] = block[lo - first:hi - first][(slice(None), *index[1:])]
     return out
@@ -79,8 +88,9 @@ class SeededInit:
         self.arch, self.seed = arch, seed
 
     def read(self, wanted):
+        scratch: list[torch.Tensor] = []
         for name, (shape, index) in wanted.items():  # one at a time: the caller moves each away first
-            yield name, init_slice(name, shape, self.arch, self.seed, index)
+            yield name, init_slice(name, shape, self.arch, self.seed, index, scratch)
 
 
 class HFSlices:
