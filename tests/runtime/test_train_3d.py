@@ -45,13 +45,15 @@ def _assert_close(got, want, tolerance, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_tp2_pp2_and_tp2_pp2_dp2_train_like_one_rank(tmp_path, byte_data, precision):
+def test_3d_layouts_train_like_one_rank(tmp_path, byte_data, precision):
     single = _run(tmp_path, "single", byte_data, 1, precision=precision)
     if precision == "fp32":  # clipping shapes this curve, so a wrong norm would show
         unclipped = _run(tmp_path, "unclipped", byte_data, 1, grad_clip=0.0)
         assert max(abs(unclipped[s] - single[s]) for s in single) > 100 * TOLERANCE["fp32"], (unclipped, single)
     layouts = {"tp2pp2": (4, dict(tensor_parallel=2, pipeline_parallel=2)),
                "tp2pp2dp2": (8, dict(tensor_parallel=2, pipeline_parallel=2, gradient_accumulation_steps=2))}
+    if precision == "fp32":  # without a pipeline ZeRO-2 partitions the tensor-parallel gradients too
+        layouts["tp2dp2-zero2"] = (4, dict(tensor_parallel=2, zero_stage=2, gradient_accumulation_steps=2))
     for name, (nproc, layout) in layouts.items():
         _assert_close(_run(tmp_path, name, byte_data, nproc, precision=precision, **layout), single,
                       TOLERANCE[precision], name)
