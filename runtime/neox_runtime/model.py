@@ -141,6 +141,21 @@ class GPTNeoXModel(nn.Module):
         return self.final_layer_norm(x)
 
 
+def parameter_init(hf_name: str, arch: ModelArchitecture, std: float = 0.02) -> tuple[float, float]:
+    """GPT-NeoX init of a parameter as (mean, std) of a normal; std 0 is the constant `mean`.
+
+    Biases 0, LayerNorm weights 1, output layers (attention.dense, dense_4h_to_h) scaled
+    by depth ("wang_init"), every other weight normal(0, std).
+    """
+    if hf_name.endswith("bias"):
+        return 0.0, 0.0
+    if "layernorm" in hf_name or "layer_norm" in hf_name:
+        return 1.0, 0.0
+    if hf_name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+        return 0.0, std / math.sqrt(2 * arch.num_hidden_layers)
+    return 0.0, std
+
+
 class GPTNeoXForCausalLM(nn.Module):
     """forward(input_ids (B, T), position_ids (T,) | (B, T) | None) -> logits (B, T, V)."""
 
@@ -153,18 +168,14 @@ class GPTNeoXForCausalLM(nn.Module):
             self.embed_out.weight = self.gpt_neox.embed_in.weight
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-NeoX init: normal(std) weights, output layers scaled by depth ("wang_init")."""
-        out_std = std / math.sqrt(2 * self.arch.num_hidden_layers)
+    def reset_parameters(self) -> None:
+        """GPT-NeoX init from the global RNG (`parameter_init`); training uses seeded `init_parameter`."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "layernorm" in name or "layer_norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                nn.init.normal_(p, std=out_std)
+            mean, std = parameter_init(name, self.arch)
+            if std:
+                nn.init.normal_(p, mean, std)
             else:
-                nn.init.normal_(p, std=std)
+                nn.init.constant_(p, mean)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.gpt_neox.activation_checkpointing = enabled

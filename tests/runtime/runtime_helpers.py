@@ -1,9 +1,11 @@
-"""Run neox-train / neox-data / neox-convert as real processes (torchrun for several ranks)."""
+"""Run neox-train / neox-data / neox-convert as real processes (torchrun for several ranks), or a
+function on several gloo ranks (`spawn_ranks`)."""
 
 import json
 import os
 import subprocess
 import sys
+import traceback
 
 import yaml
 from neox_runtime.launch import free_port  # noqa: F401 - re-exported to the tests
@@ -62,3 +64,40 @@ def byte_shards(directory, num_files: int = 30, shards: int = 2):
     entries = [write_shard(directory, f"shard-{i:05d}", docs[i::shards], np.dtype(np.uint16)) for i in range(shards)]
     write_manifest(directory, entries, vocab_size=256, eos_token_id=0)
     return directory
+
+
+def spawn_ranks(fn, world: int, *args, timeout: int = 300) -> None:
+    """Run fn(rank, world, *args) in `world` fresh processes joined in one gloo group; raise their errors."""
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_entry, args=(fn, rank, world, port, errors, *args)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    failures = [errors.get() for _ in range(world) if not errors.empty()]
+    assert not failures, "\n".join(failures)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+def _rank_entry(fn, rank, world, port, errors, *args):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        fn(rank, world, *args)
+        # No rank closes its gloo connections while a peer may still be in its last send or
+        # receive: that peer's gloo thread would throw and abort the process (exit -6).
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

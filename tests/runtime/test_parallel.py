@@ -1,50 +1,14 @@
 """Tensor parallel 2 and pipeline parallel 2 give the logits / loss of one rank (gloo, real processes)."""
 
-import os
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from runtime_helpers import free_port
+from runtime_helpers import spawn_ranks
 from neox_runtime.api.architecture import ModelArchitecture
 from neox_runtime.model import GPTNeoXForCausalLM, causal_lm_loss
 
 ARCH = ModelArchitecture(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                          intermediate_size=64, rotary_pct=0.5, max_position_embeddings=32)
-
-
-def _spawn(fn, world: int, *args):
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, world, port, errors, *args)) for rank in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-    failures = [errors.get() for _ in range(world) if not errors.empty()]
-    assert not failures, "\n".join(failures)
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-
-
-def _entry(fn, rank, world, port, errors, *args):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        fn(rank, world, *args)
-        # No rank closes its gloo connections while a peer may still be in its last send or
-        # receive: that peer's gloo thread would throw and abort the process (exit -6).
-        dist.barrier()
-    except Exception:  # noqa: BLE001 - reported to the parent
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _reference(arch, seed=0):
@@ -55,43 +19,55 @@ def _reference(arch, seed=0):
 
 
 def _tp_worker(rank, world, arch_json):
-    from neox_runtime.parallel.tensor import apply_tensor_parallel, gather_state_dict
+    from neox_runtime.parallel import sharding
+    from neox_runtime.parallel.tensor import TensorSlice, apply_tensor_parallel, gather_state_dict, loss_function
 
     arch = ModelArchitecture.model_validate_json(arch_json)
     model, ids = _reference(arch)
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
     logits = model(ids)
-    causal_lm_loss(logits[:, :-1], ids[:, 1:]).backward()
+    loss = causal_lm_loss(logits[:, :-1], ids[:, 1:])
+    loss.backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()
-    apply_tensor_parallel(model)
+    tp = TensorSlice(rank=rank, size=world)  # the default group: the whole world
+    apply_tensor_parallel(model, tp)
     qkv = model.gpt_neox.layers[0].attention.query_key_value.weight
     assert qkv.shape == (3 * arch.hidden_size // world, arch.hidden_size)
-    tp_logits = model(ids)
-    assert (tp_logits - logits).abs().max().item() <= 1e-5
-    causal_lm_loss(tp_logits[:, :-1], ids[:, 1:]).backward()
-    # replicated parameters get the full gradient on every rank (the input-grad all-reduce is what makes it so)
-    emb = model.gpt_neox.embed_in.weight.grad
-    torch.testing.assert_close(emb, full_grads["gpt_neox.embed_in.weight"], atol=1e-6, rtol=1e-4)
-    gathered = gather_state_dict(model)
+    assert model.gpt_neox.embed_in.weight.shape == (arch.vocab_size // world, arch.hidden_size)
+    assert (model.embed_out.weight is model.gpt_neox.embed_in.weight) == arch.tie_word_embeddings
+    local_logits = model(ids)  # this rank's vocabulary rows only: (B, T, V / tp)
+    vocab = tp.vocab_range(arch.vocab_size)
+    assert (local_logits - logits[..., vocab]).abs().max().item() <= 1e-5
+    tp_loss = loss_function(tp, arch.vocab_size)(local_logits[:, :-1], ids[:, 1:])
+    assert abs(tp_loss.item() - loss.item()) <= 1e-6
+    tp_loss.backward()
+    # every rank's gradient is its slice of the full gradient: sharded matrices, vocab rows
+    # (the tied head's contribution included) and the replicated LayerNorms alike
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, sharding.shard(name, full_grads[name], rank, world), atol=1e-6, rtol=1e-4)
+    gathered = gather_state_dict(model, tp)
     assert all(torch.equal(gathered[k], full_state[k]) for k in full_state)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_tensor_parallel_2_matches_one_rank(tie):
-    _spawn(_tp_worker, 2, ARCH.model_copy(update=dict(tie_word_embeddings=tie)).model_dump_json())
+    spawn_ranks(_tp_worker, 2, ARCH.model_copy(update=dict(tie_word_embeddings=tie)).model_dump_json())
 
 
 def _pp_worker(rank, world, arch_json):
     import deepspeed
 
-    from neox_runtime.parallel.pipeline import load_from_full, pipeline_module
+    from neox_runtime.api.layout import ParallelLayout
+    from neox_runtime.parallel.parallelize import parallelize
+    from neox_runtime.parallel.startup import FullStateDict
 
     deepspeed.init_distributed(dist_backend="gloo")  # adopts the existing process group
     arch = ModelArchitecture.model_validate_json(arch_json)
     model, ids = _reference(arch)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
     batch = torch.randint(0, arch.vocab_size, (4, 17), generator=torch.Generator().manual_seed(2))
     x, y = batch[:, :-1], batch[:, 1:]
     ref_opt = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -103,10 +79,10 @@ def _pp_worker(rank, world, arch_json):
         loss.backward()
         ref_opt.step()
 
-    torch.manual_seed(0)
-    full = GPTNeoXForCausalLM(arch).state_dict()
-    pipe = pipeline_module(arch, num_stages=world)
-    load_from_full(pipe, full, arch.num_hidden_layers)
+    with torch.device("meta"):
+        plain = GPTNeoXForCausalLM(arch)
+    pipe = parallelize(plain, ParallelLayout(world_size=world, pipeline=world), rank=rank,
+                       source=FullStateDict(full), device=torch.device("cpu")).module
     config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
               "gradient_clipping": 0.0,
               "steps_per_print": 10**9}
@@ -122,4 +98,53 @@ def _pp_worker(rank, world, arch_json):
 @pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_pipeline_parallel_2_matches_one_rank(tie):
-    _spawn(_pp_worker, 2, ARCH.model_copy(update=dict(tie_word_embeddings=tie)).model_dump_json())
+    spawn_ranks(_pp_worker, 2, ARCH.model_copy(update=dict(tie_word_embeddings=tie)).model_dump_json())
+
+
+CLIP, LR = 0.01, 100.0  # clipping always scales; a step the size of the weights (fp32 resolves it)
+
+
+def _clip_worker(rank, world, arch_json, precision, zero_stage):
+    import deepspeed
+
+    from neox_runtime.api.layout import ParallelLayout
+    from neox_runtime.parallel import sharding
+    from neox_runtime.parallel.parallelize import parallelize
+    from neox_runtime.parallel.startup import FullStateDict
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    arch = ModelArchitecture.model_validate_json(arch_json)
+    model, _ = _reference(arch)
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = torch.randint(0, arch.vocab_size, (4, 17), generator=torch.Generator().manual_seed(3))
+    x, y = batch[:, :-1], batch[:, 1:]
+    causal_lm_loss(model(x), y).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}  # a tied embedding once
+    norm = torch.stack([g.norm() for g in grads.values()]).norm().item()
+    coef = min(1.0, CLIP / (norm + 1e-6))
+
+    with torch.device("meta"):
+        plain = GPTNeoXForCausalLM(arch)
+    layout = ParallelLayout(world_size=world, tensor=2, pipeline=2)
+    parallel = parallelize(plain, layout, rank=rank, source=FullStateDict(full), device=torch.device("cpu"))
+    config = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+              "gradient_clipping": CLIP, "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9,
+              "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=parallel.module, config=config,
+                                      optimizer=torch.optim.SGD(parallel.module.parameters(), lr=LR))
+    engine.train_batch(iter([(x[:2], y[:2]), (x[2:], y[2:])]))
+    if engine.get_global_grad_norm() is not None:  # ZeRO and the bf16 optimizer report the norm they clipped by
+        assert abs(engine.get_global_grad_norm() - norm) <= (2e-2 if precision == "bf16" else 1e-5) * norm
+    if precision == "fp32":  # the update is the single-rank SGD step scaled by the single-rank clip factor
+        for name, p in parallel.hf_parameters:
+            before = sharding.shard(name, full[name], layout.coordinates(rank).model, 2)
+            expected = -LR * coef * sharding.shard(name, grads[name], layout.coordinates(rank).model, 2)
+            torch.testing.assert_close(p.detach() - before, expected, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,zero_stage,tie", [("fp32", 0, False), ("fp32", 1, True), ("bf16", 1, False)])
+def test_tp2_pp2_gradient_clipping_counts_each_parameter_once(precision, zero_stage, tie):
+    """DeepSpeed's clip norm over 2 tensor ranks x 2 stages equals one rank's (fp32 clip_grad_norm_, ZeRO, bf16)."""
+    spawn_ranks(_clip_worker, 4, ARCH.model_copy(update=dict(tie_word_embeddings=tie)).model_dump_json(),
+                precision, zero_stage)

@@ -60,10 +60,10 @@ def read_training_state(checkpoint_dir: str | Path, tag: str | None = None) -> t
 
         state = _strip(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag))
     elif len(model_files) > 1:
-        from neox_runtime.parallel.tensor import merge_shards
+        from neox_runtime.parallel import sharding
 
-        state = merge_shards([_strip(_load(f)["module"]) for f in model_files], arch.num_attention_heads,
-                             arch.head_dim)
+        shards = [_strip(_load(f)["module"]) for f in model_files]
+        state = {key: sharding.merge(key, [s[key] for s in shards]) for key in shards[0]}
     else:
         state = _strip(first["module"])
     state = {k: v.float() for k, v in state.items() if not k.endswith("inv_freq")}

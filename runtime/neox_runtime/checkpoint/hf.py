@@ -14,7 +14,10 @@ import os
 import shutil
 from pathlib import Path
 
+from collections.abc import Mapping, Sequence
+
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from neox_runtime.api.architecture import ModelArchitecture
@@ -54,6 +57,48 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     # Old checkpoints carry attention masks / rotary tables as buffers; we compute them.
     return {_normalize_key(k): v for k, v in state.items()
             if not k.endswith(("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq"))}
+
+
+def read_state_dict_slices(path: str | os.PathLike, wanted: Mapping[str, tuple[slice, ...]],
+                           shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Only the tensors named in `wanted`, and of each only the slice `wanted[name]` (a rank's shard).
+
+    Safetensors files are read lazily (`get_slice`), so a rank never holds more than its
+    slices; pytorch_model.bin is memory-mapped. `shapes`, when given, are the full shapes
+    the caller expects; a stored tensor of another shape is a ValueError naming it.
+    """
+    path = Path(path)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(name: str, stored_shape: Sequence[int], read) -> None:
+        if shapes is not None and tuple(stored_shape) != tuple(shapes[name]):
+            raise ValueError(f"model path {path}: {name} has shape {tuple(stored_shape)}, "
+                             f"the architecture needs {tuple(shapes[name])}")
+        out[name] = read(wanted[name])
+
+    if (path / SAFETENSORS_INDEX).is_file():
+        files = [path / f for f in sorted(set(json.loads((path / SAFETENSORS_INDEX).read_text())["weight_map"].values()))]
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif (path / "pytorch_model.bin").is_file():
+        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        for key, tensor in state.items():
+            if _normalize_key(key) in wanted:
+                take(_normalize_key(key), tensor.shape, lambda index, t=tensor: t[index].clone())
+        files = []
+    else:
+        raise ValueError(f"model path {path}: no model.safetensors, {SAFETENSORS_INDEX} or pytorch_model.bin")
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = _normalize_key(key)
+                if name in wanted and name not in out:
+                    lazy = f.get_slice(key)
+                    take(name, lazy.get_shape(), lambda index, lazy=lazy: lazy[index])
+    missing = sorted(set(wanted) - set(out))
+    if missing:
+        raise ValueError(f"model path {path}: no tensor {', '.join(missing[:5])}")
+    return out
 
 
 def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,

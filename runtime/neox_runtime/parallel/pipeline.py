@@ -1,10 +1,16 @@
-"""Pipeline parallelism: the same GPT-NeoX blocks as a DeepSpeed PipelineModule.
+"""Pipeline parallelism: a (possibly tensor-parallel) GPT-NeoX as a DeepSpeed PipelineModule.
 
-Stages pass one tensor, the hidden state (B, T, C); each block recomputes its rotary
-tables from T (cheap, and no extra tensors cross stage borders). Layer i of the pipeline:
-0 = embedding, 1..L = blocks, L+1 = final norm, L+2 = head, so a pipeline checkpoint's
-`layer_XX-model_states.pt` files map onto HF names with `hf_name`. Tied embeddings use
-DeepSpeed's TiedLayerSpec so the first and last stage share (and all-reduce) one matrix.
+`pipeline_layers(model)` turns the plain model's modules into pipeline layers that hold
+those same modules (so a tensor-parallel plan applied before carries over): layer i is
+0 = embedding, 1..L = blocks, L+1 = final norm, L+2 = head, and a layer's parameters are
+named `<i>.<HF suffix>`, so a pipeline checkpoint's `layer_XX-*model_states.pt` files map
+onto HF names with `hf_name`. Stages pass one tensor, the hidden state (B, T, C); each
+block recomputes its rotary tables from T (cheap, and no extra tensors cross stage
+borders). Tied embeddings are one module on the first and the last stage (DeepSpeed's
+TiedLayerSpec all-reduces its gradient between them, per tensor rank).
+
+`NeoXPipeline` partitions stages by `ParallelLayout.stage_layers` (what the planner
+counts), not by DeepSpeed's own methods.
 """
 
 from __future__ import annotations
@@ -15,73 +21,97 @@ import torch
 from torch import nn
 
 from neox_runtime.api.architecture import ModelArchitecture
-from neox_runtime.model import Block, RotaryEmbedding, causal_lm_loss
+from neox_runtime.api.layout import ParallelLayout
+from neox_runtime.model import Block, GPTNeoXForCausalLM, RotaryEmbedding
+from neox_runtime.parallel.tensor import VocabParallelEmbedding, vocab_parallel_logits
+
+TIED_KEY = "embed"
 
 
 class EmbedPipe(nn.Module):
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, embed_in: nn.Module):
         super().__init__()
-        self.embed_in = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_in = embed_in
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_in(input_ids)  # (B, T, C)
 
 
-class BlockPipe(Block):
-    def __init__(self, arch: ModelArchitecture):
-        super().__init__(arch)
+class BlockPipe(nn.Module):
+    """One block as a pipeline layer, (B, T, C) -> (B, T, C); it adopts the block's children by name."""
+
+    def __init__(self, block: Block, arch: ModelArchitecture):
+        super().__init__()
+        for name, child in block.named_children():
+            self.add_module(name, child)  # parameter names stay the HF suffixes
+        self.use_parallel_residual = block.use_parallel_residual
         self.rotary = RotaryEmbedding(arch)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         cos, sin = self.rotary(torch.arange(x.shape[1], device=x.device), dtype=x.dtype)
-        return super().forward(x, cos, sin)
+        return Block.forward(self, x, cos, sin)  # type: ignore[arg-type]
 
 
 class FinalNormPipe(nn.Module):
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, final_layer_norm: nn.Module):
         super().__init__()
-        self.final_layer_norm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.final_layer_norm = final_layer_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_layer_norm(x)
 
 
 class HeadPipe(nn.Module):
-    def __init__(self, arch: ModelArchitecture):
+    def __init__(self, embed_out: nn.Module):
         super().__init__()
-        self.embed_out = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.embed_out = embed_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.embed_out(x)  # (B, T, V)
+        return self.embed_out(x)  # (B, T, V) or this tensor rank's (B, T, V / tp)
 
 
 def _tied_head(module: EmbedPipe, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(x, module.embed_in.weight)  # (B, T, V)
+    embedding = module.embed_in
+    if isinstance(embedding, VocabParallelEmbedding):
+        return vocab_parallel_logits(x, embedding.weight, embedding.tp)  # (B, T, V / tp)
+    return torch.nn.functional.linear(x, embedding.weight)  # (B, T, V)
 
 
-def pipeline_module(arch: ModelArchitecture, num_stages: int, activation_checkpoint_interval: int = 0):
-    """Layers: 0 embedding, 1..L blocks, L+1 final norm, L+2 head (tied: the embedding again)."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+def _tied_spec(module: EmbedPipe, forward_fn=None):
+    """A TiedLayerSpec whose module is already built (DeepSpeed builds specs itself)."""
+    from deepspeed.pipe import TiedLayerSpec
 
-    blocks = [LayerSpec(BlockPipe, arch) for _ in range(arch.num_hidden_layers)]
+    class BuiltTiedLayerSpec(TiedLayerSpec):
+        def build(self, log=False):  # noqa: ARG002 - DeepSpeed's signature
+            return module
+
+    return BuiltTiedLayerSpec(TIED_KEY, EmbedPipe, forward_fn=forward_fn, tied_weight_attr=["embed_in.weight"])
+
+
+def pipeline_layers(model: GPTNeoXForCausalLM) -> list:
+    """Layers 0 embedding, 1..L blocks, L+1 final norm, L+2 head (tied: the embedding again)."""
+    arch = model.arch
+    embed = EmbedPipe(model.gpt_neox.embed_in)
+    blocks = [BlockPipe(block, arch) for block in model.gpt_neox.layers]
+    norm = FinalNormPipe(model.gpt_neox.final_layer_norm)
     if arch.tie_word_embeddings:
-        first = TiedLayerSpec("embed", EmbedPipe, arch, tied_weight_attr=["embed_in.weight"])
-        last = TiedLayerSpec("embed", EmbedPipe, arch, forward_fn=_tied_head, tied_weight_attr=["embed_in.weight"])
-    else:
-        first, last = LayerSpec(EmbedPipe, arch), LayerSpec(HeadPipe, arch)
-    pipe = PipelineModule(layers=[first, *blocks, LayerSpec(FinalNormPipe, arch), last], num_stages=num_stages,
-                          loss_fn=causal_lm_loss, partition_method="type:BlockPipe",
-                          activation_checkpoint_interval=activation_checkpoint_interval)
-    # DeepSpeed's gradient clipping sums norms over the model-parallel group only for
-    # parameters flagged model_parallel (else only model-parallel rank 0's count), and
-    # PipelineModule flags none: without this every stage would clip by stage 0's norm.
-    # A tied embedding is counted once, on the first stage that holds it.
-    for p in pipe.parameters():
-        p.model_parallel = True
-    if pipe.tied_modules and pipe.stage_id != 0:
-        for p in pipe.tied_modules.parameters():
-            p.model_parallel = False
-    return pipe
+        return [_tied_spec(embed), *blocks, norm, _tied_spec(embed, forward_fn=_tied_head)]
+    return [embed, *blocks, norm, HeadPipe(model.embed_out)]
+
+
+def stage_bounds(layout: ParallelLayout, num_layers: int) -> list[int]:
+    """Pipeline-layer boundaries of the stages (DeepSpeed's `parts`): stage s holds [b[s], b[s + 1])."""
+    stages = layout.stage_layers(num_layers)
+    return [0, *(1 + r.start for r in stages[1:]), num_layers + 3]
+
+
+def layer_module(layer) -> nn.Module | None:
+    """The module a pipeline layer (a module, a built tied spec, or DeepSpeed's partial) holds."""
+    if isinstance(layer, functools.partial):
+        layer = layer.args[0]
+    if hasattr(layer, "build") and not isinstance(layer, nn.Module):
+        layer = layer.build()
+    return layer if isinstance(layer, nn.Module) else None
 
 
 def hf_name(layer: int, name: str, num_layers: int) -> str | None:
@@ -97,14 +127,13 @@ def hf_name(layer: int, name: str, num_layers: int) -> str | None:
     return "embed_out.weight" if name == "embed_out.weight" else "gpt_neox.embed_in.weight"
 
 
-def load_from_full(pipe, full_state: dict[str, torch.Tensor], num_layers: int) -> None:
-    """Copy a full HF state dict into this rank's stage of `pipe` (a PipelineModule)."""
-    with torch.no_grad():
-        for idx, layer in zip(range(pipe._local_start, pipe._local_stop), pipe.forward_funcs):
-            module = layer.args[0] if isinstance(layer, functools.partial) else layer  # tied head
-            if not isinstance(module, nn.Module):
-                continue
-            for name, p in module.named_parameters():
-                key = hf_name(idx, name, num_layers)
-                if key is not None:
-                    p.copy_(full_state[key])
+def neox_pipeline(layers: list, layout: ParallelLayout, num_layers: int, **kwargs):
+    """DeepSpeed's PipelineModule over `layers`, stages as `layout.stage_layers` partitions them."""
+    from deepspeed.pipe import PipelineModule
+
+    class NeoXPipeline(PipelineModule):
+        def _partition_layers(self, method="uniform"):  # noqa: ARG002 - our partition, not a method name
+            self.parts = stage_bounds(layout, num_layers)
+            self._set_bounds(start=self.parts[self.stage_id], stop=self.parts[self.stage_id + 1])
+
+    return NeoXPipeline(layers=layers, **kwargs)

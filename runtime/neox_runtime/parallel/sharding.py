@@ -80,6 +80,15 @@ def local_shape(hf_name: str, shape: Sequence[int], world: int) -> tuple[int, ..
     return tuple(out)
 
 
+def full_shape(hf_name: str, local: Sequence[int], world: int) -> tuple[int, ...]:
+    """The full tensor's shape from one rank's slice shape (the inverse of `local_shape`)."""
+    out = list(local)
+    dim = split_dim(hf_name)
+    if dim is not None:
+        out[dim] *= world
+    return tuple(out)
+
+
 def merge(hf_name: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
     """The full tensor from every tensor-parallel rank's slice, in rank order."""
     dim = split_dim(hf_name)

@@ -1,24 +1,44 @@
 """Megatron-style tensor parallelism applied to a built GPTNeoXForCausalLM from outside.
 
-Per block: the fused QKV and h_to_4h are column-parallel (each rank keeps whole heads of
-the fused (H, 3, D) layout, resp. a slice of the MLP width), attention.dense and 4h_to_h
-are row-parallel (partial products all-reduced, bias added once after). Embeddings,
-LayerNorms and the output head stay replicated: simple, exact, and the head's matmul is
-small next to the blocks for NeoX shapes. (Vocab-parallel embeddings would save memory
-for 50k-vocab models at TP >= 4; not done.)
+`apply_tensor_parallel(model, tp)` replaces modules by name, following `TENSOR_PLAN`:
+per block, the fused QKV and h_to_4h are column parallel (each rank computes whole heads
+of the fused (H, 3, D) layout, resp. a slice of the MLP width), attention.dense and
+4h_to_h row parallel (partial products all-reduced, bias added once after); the input
+embedding and the output head are vocab parallel (each rank holds V/t rows), and the
+loss is a vocab-parallel cross entropy, so full (B, T, V) logits never exist on a rank.
+LayerNorms stay replicated.
 
-Sharded parameters keep their HF names, so `gather_state_dict` can rebuild full HF
-weights for conversion and serving.
+Which slice of a parameter a rank holds is `parallel.sharding`'s answer, never this
+module's: the modules here only compute. Sharded parameters keep their HF names. The
+model may be on the meta device (sharded start-up: nothing is allocated until
+`parallel.startup` materialises this rank's slices) or hold full weights (every rank the
+same), which are then cut down to this rank's slice.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from neox_runtime.model import GPTNeoXForCausalLM
+from neox_runtime.model import causal_lm_loss
+from neox_runtime.parallel import sharding
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """This rank's place in its tensor-parallel group."""
+
+    rank: int
+    size: int
+    group: Any = None  # torch.distributed ProcessGroup; None with size 1
+
+    def vocab_range(self, vocab_size: int) -> slice:
+        return sharding.shard_range(vocab_size, self.rank, self.size)
 
 
 class _CopyToParallel(torch.autograd.Function):
@@ -37,7 +57,7 @@ class _CopyToParallel(torch.autograd.Function):
 
 
 class _ReduceFromParallel(torch.autograd.Function):
-    """All-reduce forward; identity backward (row-parallel output)."""
+    """All-reduce forward; identity backward (row-parallel output, vocab-parallel embedding)."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -50,84 +70,163 @@ class _ReduceFromParallel(torch.autograd.Function):
         return grad, None
 
 
-class ColumnParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+def _local_parameter(hf_name: str, full: torch.Tensor | None, tp: TensorSlice) -> nn.Parameter | None:
+    """This rank's slice of `full` as a new parameter (shape only when `full` is on meta)."""
+    if full is None:
+        return None
+    if full.is_meta:
+        return nn.Parameter(torch.empty(sharding.local_shape(hf_name, full.shape, tp.size), dtype=full.dtype,
+                                        device="meta"))
+    return nn.Parameter(sharding.shard(hf_name, full.detach(), tp.rank, tp.size).clone())
+
+
+class _ShardedLinear(nn.Module):
+    split_dim: int
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tp: TensorSlice):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())  # (out / tp, in)
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-        self.group = group
+        self.weight, self.bias, self.tp = weight, bias, tp
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, name: str, tp: TensorSlice) -> "_ShardedLinear":
+        return cls(_local_parameter(f"{name}.weight", linear.weight, tp),
+                   _local_parameter(f"{name}.bias", linear.bias, tp), tp)
+
+
+class ColumnParallelLinear(_ShardedLinear):
+    """y_local = x W_local^T + b_local: (.., C) -> (.., out / tp); weight (out / tp, in), bias (out / tp,)."""
+
+    split_dim = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_CopyToParallel.apply(x, self.group), self.weight, self.bias)
+        return F.linear(_CopyToParallel.apply(x, self.tp.group), self.weight, self.bias)
 
 
-class RowParallelLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())  # (out, in / tp)
-        self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None  # replicated
-        self.group = group
+class RowParallelLinear(_ShardedLinear):
+    """y = all_reduce(x_local W_local^T) + b: (.., in / tp) -> (.., out); weight (out, in / tp), bias whole."""
+
+    split_dim = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _ReduceFromParallel.apply(F.linear(x, self.weight), self.group)
+        y = _ReduceFromParallel.apply(F.linear(x, self.weight), self.tp.group)
         return y + self.bias if self.bias is not None else y
 
 
-def _qkv_rows(heads: int, head_dim: int, rank: int, tp: int) -> torch.Tensor:
-    """Row indices of the fused QKV weight owned by `rank`: whole heads of the (H, 3, D) layout."""
-    per = heads // tp
-    return torch.arange(heads * 3 * head_dim).view(heads, 3 * head_dim)[rank * per:(rank + 1) * per].reshape(-1)
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, stop) of the (V, C) embedding; ids outside give 0, the all-reduce adds the owner's row."""
+
+    split_dim = 0
+
+    def __init__(self, weight: nn.Parameter, tp: TensorSlice, vocab_start: int):
+        super().__init__()
+        self.weight, self.tp, self.vocab_start = weight, tp, vocab_start  # (V / tp, C)
+
+    @classmethod
+    def from_module(cls, embedding: nn.Embedding, name: str, tp: TensorSlice) -> "VocabParallelEmbedding":
+        return cls(_local_parameter(f"{name}.weight", embedding.weight, tp), tp,
+                   tp.vocab_range(embedding.num_embeddings).start)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.vocab_start  # (B, T)
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return _ReduceFromParallel.apply(x, self.tp.group)  # (B, T, C)
 
 
-def _dense_cols(heads: int, head_dim: int, rank: int, tp: int) -> slice:
-    per = heads // tp * head_dim
-    return slice(rank * per, (rank + 1) * per)
+class VocabParallelHead(nn.Module):
+    """(.., C) -> this rank's logits (.., V / tp) for vocabulary rows [start, stop)."""
+
+    split_dim = 0
+
+    def __init__(self, weight: nn.Parameter, tp: TensorSlice):
+        super().__init__()
+        self.weight, self.tp = weight, tp  # (V / tp, C)
+
+    @classmethod
+    def from_module(cls, linear: nn.Linear, name: str, tp: TensorSlice) -> "VocabParallelHead":
+        return cls(_local_parameter(f"{name}.weight", linear.weight, tp), tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_logits(x, self.weight, self.tp)
 
 
-def apply_tensor_parallel(model: GPTNeoXForCausalLM, group=None) -> GPTNeoXForCausalLM:
-    """Shard `model` in place across `group` (all ranks must hold the same full weights)."""
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
-    arch = model.arch
-    if arch.num_attention_heads % tp or arch.intermediate_size % tp:
-        raise ValueError(f"tensor_parallel: {tp} must divide num_attention_heads ({arch.num_attention_heads}) "
-                         f"and intermediate_size ({arch.intermediate_size})")
-    H, D, Fw = arch.num_attention_heads, arch.head_dim, arch.intermediate_size // tp
-    rows = _qkv_rows(H, D, rank, tp)
-    cols = _dense_cols(H, D, rank, tp)
-    for block in model.gpt_neox.layers:
-        attn, mlp = block.attention, block.mlp
-        attn.query_key_value = ColumnParallelLinear(attn.query_key_value.weight[rows],
-                                                    attn.query_key_value.bias[rows], group)
-        attn.dense = RowParallelLinear(attn.dense.weight[:, cols], attn.dense.bias, group)
-        mlp.dense_h_to_4h = ColumnParallelLinear(mlp.dense_h_to_4h.weight[rank * Fw:(rank + 1) * Fw],
-                                                 mlp.dense_h_to_4h.bias[rank * Fw:(rank + 1) * Fw], group)
-        mlp.dense_4h_to_h = RowParallelLinear(mlp.dense_4h_to_h.weight[:, rank * Fw:(rank + 1) * Fw],
-                                              mlp.dense_4h_to_h.bias, group)
+def vocab_parallel_logits(x: torch.Tensor, weight: torch.Tensor, tp: TensorSlice) -> torch.Tensor:
+    """Local logits x W_local^T, (B, T, C) -> (B, T, V / tp); the input gradient is all-reduced."""
+    if tp.size == 1:
+        return F.linear(x, weight)
+    return F.linear(_CopyToParallel.apply(x, tp.group), weight)
+
+
+# HF module-name suffix -> the module that replaces it (split as `sharding` says).
+TENSOR_PLAN: dict[str, type[nn.Module]] = {
+    "attention.query_key_value": ColumnParallelLinear,
+    "attention.dense": RowParallelLinear,
+    "mlp.dense_h_to_4h": ColumnParallelLinear,
+    "mlp.dense_4h_to_h": RowParallelLinear,
+    "embed_in": VocabParallelEmbedding,
+    "embed_out": VocabParallelHead,
+}
+
+
+def apply_tensor_parallel(model: nn.Module, tp: TensorSlice) -> nn.Module:
+    """Replace `model`'s modules (by HF name) with tensor-parallel ones, in place; ties are kept."""
+    if tp.size == 1:
+        return model
+    tied = getattr(getattr(model, "arch", None), "tie_word_embeddings", False)
+    for name, module in list(model.named_modules()):
+        style = next((cls for suffix, cls in TENSOR_PLAN.items() if name.endswith(suffix)), None)
+        if style is None:
+            continue
+        assert sharding.split_dim(f"{name}.weight") == style.split_dim, (name, style)
+        model.set_submodule(name, style.from_module(module, name, tp))
+    if tied:
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
     return model
 
 
-def merge_shards(shards: list[dict[str, torch.Tensor]], num_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
-    """Full HF state dict from the per-rank state dicts of a tensor-parallel model (rank order)."""
-    tp = len(shards)
-    full = {}
-    for key, first in shards[0].items():
-        parts = [s[key] for s in shards]
-        if key.endswith("attention.query_key_value.weight") or key.endswith("attention.query_key_value.bias"):
-            # (H/tp * 3D, ...) per rank -> whole heads in rank order
-            full[key] = torch.cat([p.view(num_heads // tp, 3 * head_dim, *p.shape[1:]) for p in parts]) \
-                .reshape(num_heads * 3 * head_dim, *first.shape[1:])
-        elif key.endswith("mlp.dense_h_to_4h.weight") or key.endswith("mlp.dense_h_to_4h.bias"):
-            full[key] = torch.cat(parts, dim=0)
-        elif key.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight")):
-            full[key] = torch.cat(parts, dim=1)
-        else:
-            full[key] = first
-    return full
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy over N tokens from vocab-parallel logits (N, V / tp), never gathered."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, group):
+        logits_max = logits.max(dim=-1).values  # (N,)
+        dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - logits_max[:, None]  # (N, V / tp)
+        local = labels - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])  # label owned by another rank
+        local = local.masked_fill(outside, 0)
+        target = shifted.gather(-1, local[:, None]).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sums = torch.stack([exp.sum(dim=-1), target])  # (2, N): one all-reduce for both
+        dist.all_reduce(sums, group=group)
+        sum_exp, target = sums
+        ctx.save_for_backward(exp.div_(sum_exp[:, None]), local, outside)  # softmax, (N, V / tp)
+        return (sum_exp.log() - target).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        grad_logits = softmax.clone()
+        grad_logits.scatter_add_(-1, local[:, None], (outside.to(softmax.dtype) - 1.0)[:, None])
+        return grad_logits.mul_(grad / softmax.shape[0]), None, None, None
 
 
-def gather_state_dict(model: GPTNeoXForCausalLM, group=None) -> dict[str, torch.Tensor]:
+def loss_function(tp: TensorSlice, vocab_size: int):
+    """(logits, shifted labels (B, T)) -> mean loss; logits are this rank's (B, T, V / tp)."""
+    if tp.size == 1:
+        return causal_lm_loss
+    start = tp.vocab_range(vocab_size).start
+
+    def vocab_parallel_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _VocabParallelCrossEntropy.apply(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                start, tp.group)
+
+    return vocab_parallel_causal_lm_loss
+
+
+def gather_state_dict(model: nn.Module, tp: TensorSlice) -> dict[str, torch.Tensor]:
     """All-gather a tensor-parallel model back into the full HF state dict (on every rank)."""
     local = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    shards: list[dict[str, torch.Tensor]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
-    dist.all_gather_object(shards, local, group=group)
-    return merge_shards(shards, model.arch.num_attention_heads, model.arch.head_dim)
+    shards: list[dict[str, torch.Tensor]] = [None] * tp.size  # type: ignore[list-item]
+    dist.all_gather_object(shards, local, group=tp.group)
+    return {key: sharding.merge(key, [s[key] for s in shards]) for key in local}

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from neox_runtime.api.architecture import ModelArchitecture, preset
+from neox_runtime.api.layout import ParallelLayout
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -90,27 +91,21 @@ class TrainConfig:
                  "latest, none or step-N")
         _require(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", "> 0")
         _require(isinstance(self.deepspeed, dict), "deepspeed", "a mapping of DeepSpeed config overrides")
-        arch = self.architecture
-        _require(self.seq_length <= arch.max_position_embeddings, "seq_length",
-                 f"<= architecture.max_position_embeddings ({arch.max_position_embeddings})")
-        _require(arch.num_attention_heads % self.tensor_parallel == 0, "tensor_parallel",
-                 f"a divisor of architecture.num_attention_heads ({arch.num_attention_heads})")
-        _require(arch.num_hidden_layers >= self.pipeline_parallel, "pipeline_parallel",
-                 f"<= architecture.num_hidden_layers ({arch.num_hidden_layers})")
-        _require(not (self.pipeline_parallel > 1 and self.zero_stage > 1), "zero_stage",
-                 "0 or 1 with pipeline_parallel > 1 (DeepSpeed pipelines do not support ZeRO 2/3)")
+        # what the layout can run does not depend on the data-parallel size: check one replica
+        self.layout(self.tensor_parallel * self.pipeline_parallel).check(
+            self.architecture, zero_stage=self.zero_stage, seq_length=self.seq_length, style="runtime")
 
     @property
     def tokens_per_micro_batch(self) -> int:
         return self.micro_batch_size * self.seq_length
 
+    def layout(self, world_size: int) -> ParallelLayout:
+        """The parallel layout on `world_size` ranks; ValueError if tensor x pipeline does not divide it."""
+        return ParallelLayout(world_size=world_size, tensor=self.tensor_parallel, pipeline=self.pipeline_parallel)
+
     def validate_world(self, world_size: int) -> int:
         """Data-parallel size for this world; ValueError if the parallel layout does not divide it."""
-        model_parallel = self.tensor_parallel * self.pipeline_parallel
-        if world_size % model_parallel:
-            raise ValueError(f"tensor_parallel x pipeline_parallel ({model_parallel}) must divide the "
-                             f"world size ({world_size})")
-        return world_size // model_parallel
+        return self.layout(world_size).data
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -1,13 +1,13 @@
-"""The DeepSpeed engine for a TrainConfig, in one of three layouts, behind one small interface.
+"""The DeepSpeed engine for a TrainConfig, in any pipeline x data x tensor layout, behind one interface.
 
-- data parallel (+ ZeRO 0-3): the plain model under DeepSpeedEngine;
-- tensor parallel: the same model sharded by `parallel.tensor`, DeepSpeed told about the
-  TP/DP groups through an mpu object (gradients reduce over DP only; clipping counts
-  sharded parameters once per TP rank and replicated ones once);
-- pipeline parallel: the blocks as a DeepSpeed PipelineModule (`parallel.pipeline`).
+`StepRunner` builds the plain model on the meta device, lets `parallel.parallelize` cut
+it down to this rank's stage and tensor slice (materialising only that, from the seeded
+init or `init_from`), and hands the result to DeepSpeed: the plain DeepSpeedEngine
+without a pipeline (ZeRO 0-2; its grid as the mpu with tensor parallelism), DeepSpeed's
+PipelineEngine with one (ZeRO 0-1; 1F1B over the micro-batches).
 
-The loop only sees `StepRunner`: `train_step(micro_batches) -> global mean loss`,
-`eval_loss(micro_batches)`, and where this rank sits in the data-parallel dimension.
+The loop only sees `train_step(micro_batches) -> global mean loss`, `eval_loss`, and
+where this rank sits (`layout`, `coords`, `dp_rank`/`dp_size`).
 """
 
 from __future__ import annotations
@@ -17,37 +17,43 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from neox_runtime.checkpoint.hf import load_hf_model
-from neox_runtime.model import GPTNeoXForCausalLM, causal_lm_loss
+from neox_runtime.api.layout import Coordinates, ParallelLayout
+from neox_runtime.model import GPTNeoXForCausalLM
 from neox_runtime.parallel.deepspeed_config import build_deepspeed_config
+from neox_runtime.parallel.parallelize import CausalLMWithLoss, ParallelModel, parallelize
+from neox_runtime.parallel.startup import HFSlices, ParameterSource, SeededInit
 from neox_runtime.train.config import TrainConfig
 from neox_runtime.train.distributed import DistEnv
 
-
-class CausalLMWithLoss(nn.Module):
-    """What DeepSpeed drives: (input_ids, labels) -> mean loss. Checkpoint keys get `model.`."""
-
-    def __init__(self, model: GPTNeoXForCausalLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.model(input_ids), labels)
+__all__ = ["CausalLMWithLoss", "StepRunner", "build_runner", "parameter_source"]
 
 
-def build_model(cfg: TrainConfig, compile_blocks: bool = False) -> GPTNeoXForCausalLM:
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:
-        model, arch = load_hf_model(cfg.init_from)
-        if arch != cfg.architecture:
-            raise ValueError(f"init_from: {cfg.init_from} holds a different architecture than the config's")
-    else:
-        model = GPTNeoXForCausalLM(cfg.architecture)
-    model.set_activation_checkpointing(cfg.activation_checkpointing)
-    if compile_blocks:
-        for block in model.gpt_neox.layers:
-            block.compile()  # in place: parameter names (and checkpoints) stay the same
-    return model
+def parameter_source(cfg: TrainConfig) -> ParameterSource:
+    """Where initial weights come from: `init_from` (an HF directory) or the seeded init."""
+    if not cfg.init_from:
+        return SeededInit(cfg.architecture, cfg.seed)
+    from neox_runtime.checkpoint.hf import read_architecture
+
+    if read_architecture(cfg.init_from) != cfg.architecture:
+        raise ValueError(f"init_from: {cfg.init_from} holds a different architecture than the config's")
+    return HFSlices(cfg.init_from)
+
+
+def build_parallel_model(cfg: TrainConfig, layout: ParallelLayout, env: DistEnv) -> ParallelModel:
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(cfg.architecture)  # shapes only: this rank materialises its part
+    parallel = parallelize(model, layout, rank=env.rank, source=parameter_source(cfg), device=env.device,
+                           activation_checkpointing=cfg.activation_checkpointing)
+    if cfg.compile:
+        if layout.pipeline > 1:
+            for layer in parallel.module.forward_funcs:
+                if isinstance(layer, nn.Module):
+                    layer.compile()
+        else:
+            # the whole forward + loss in one graph (measured ~9% faster than per-block graphs
+            # on CPU, at ~90 s compile instead of ~15 s); in place, so names stay the same
+            parallel.module.compile()
+    return parallel
 
 
 def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -61,71 +67,37 @@ def adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.opt
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
-class TensorParallelMPU:
-    """DeepSpeed's `mpu` protocol for TP x DP on consecutive ranks (TP innermost)."""
-
-    def __init__(self, tp: int):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self.tp, self.dp = tp, world // tp
-        self.tp_group = self.dp_group = None
-        for i in range(self.dp):  # every rank creates every group, in the same order
-            group = dist.new_group(list(range(i * tp, (i + 1) * tp)))
-            if rank // tp == i:
-                self.tp_group = group
-        for j in range(tp):
-            group = dist.new_group(list(range(j, world, tp)))
-            if rank % tp == j:
-                self.dp_group = group
-        self.tp_rank, self.dp_rank = rank % tp, rank // tp
-
-    def get_model_parallel_rank(self): return self.tp_rank
-    def get_model_parallel_group(self): return self.tp_group
-    def get_model_parallel_world_size(self): return self.tp
-    def get_data_parallel_rank(self): return self.dp_rank
-    def get_data_parallel_group(self): return self.dp_group
-    def get_data_parallel_world_size(self): return self.dp
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-
-
 def _tensors(batch: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     t = torch.from_numpy(batch).to(device)
     return t[:, :-1], t[:, 1:]  # inputs, shifted labels: (B, T) each
 
 
 class StepRunner:
-    """Data parallel (optionally tensor parallel): forward/backward/step per micro-batch."""
+    """This rank's part of the model under DeepSpeed: one optimizer step per `train_step`."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv):
         import deepspeed
 
         self.env = env
-        model = build_model(cfg)
-        mpu = None
-        if cfg.tensor_parallel > 1:
-            from neox_runtime.parallel.tensor import apply_tensor_parallel
-
-            mpu = TensorParallelMPU(cfg.tensor_parallel)
-            apply_tensor_parallel(model, mpu.tp_group)
-            for block in model.gpt_neox.layers:
-                for linear in (block.attention.query_key_value, block.attention.dense.weight,
-                               block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h.weight):
-                    for p in (linear.parameters() if isinstance(linear, nn.Module) else [linear]):
-                        p.tensor_model_parallel = True  # sharded: counted once per TP rank in clipping
-        self.dp_rank = mpu.dp_rank if mpu else env.rank
-        self.dp_size = mpu.dp if mpu else env.world_size
+        self.layout: ParallelLayout = cfg.layout(env.world_size)
+        self.coords: Coordinates = self.layout.coordinates(env.rank)
+        self.dp_rank, self.dp_size = self.coords.data, self.layout.data
+        self.pipelined = self.layout.pipeline > 1
+        parallel = build_parallel_model(cfg, self.layout, env)
+        self._hf_parameters = parallel.hf_parameters
         config = build_deepspeed_config(cfg, self.dp_size)
         config.setdefault("zero_allow_untested_optimizer", True)
-        module = CausalLMWithLoss(model)
-        if cfg.compile:
-            # the whole forward + loss in one graph (measured ~9% faster than per-block graphs
-            # on CPU, at ~90 s compile instead of ~15 s); in place, so names stay the same
-            module.compile()
-        self.engine, *_ = deepspeed.initialize(model=module, optimizer=adamw(model, cfg, env.device),
-                                               config=config, mpu=mpu)
+        self.engine, *_ = deepspeed.initialize(model=parallel.module, optimizer=adamw(parallel.module, cfg, env.device),
+                                               config=config, mpu=parallel.mpu)
+        assert self.engine.dp_world_size == self.dp_size, (self.engine.dp_world_size, self.dp_size)
+
+    def hf_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This rank's parameters by HF name (its stage, its tensor slices); a tied embedding once."""
+        return list(self._hf_parameters)
 
     def train_step(self, micro_batches: list[np.ndarray]) -> float:
+        if self.pipelined:  # the PipelineEngine schedules the micro-batches itself
+            return self.engine.train_batch(self._iter(micro_batches)).item()  # mean over micro-batches and DP
         losses = []
         for micro in micro_batches:
             loss = self.engine(*_tensors(micro, self.env.device))
@@ -136,57 +108,28 @@ class StepRunner:
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[np.ndarray]) -> float:
+        if self.pipelined:
+            return self.engine.eval_batch(self._iter(micro_batches), num_micro_batches=len(micro_batches)).item()
         self.engine.eval()
         losses = [self.engine(*_tensors(m, self.env.device)).detach() for m in micro_batches]
         self.engine.train()
         return _mean_across(losses, self.env.device)
 
-
-class PipelineStepRunner:
-    """Pipeline parallel: DeepSpeed's PipelineEngine schedules the micro-batches itself."""
-
-    def __init__(self, cfg: TrainConfig, env: DistEnv):
-        import deepspeed
-
-        from neox_runtime.parallel.pipeline import load_from_full, pipeline_module
-
-        self.env = env
-        pipe = pipeline_module(cfg.architecture, cfg.pipeline_parallel,
-                               activation_checkpoint_interval=1 if cfg.activation_checkpointing else 0)
-        # every rank builds the full model once (seed / init_from), then keeps its stage
-        load_from_full(pipe, build_model(cfg).state_dict(), cfg.architecture.num_hidden_layers)
-        if cfg.compile:
-            for layer in pipe.forward_funcs:
-                if isinstance(layer, nn.Module):
-                    layer.compile()
-        self.dp_size = env.world_size // cfg.pipeline_parallel
-        config = build_deepspeed_config(cfg, self.dp_size)
-        config.setdefault("zero_allow_untested_optimizer", True)
-        self.engine, *_ = deepspeed.initialize(model=pipe, optimizer=adamw(pipe, cfg, env.device), config=config)
-        self.dp_rank = self.engine.grid.get_data_parallel_rank()
-        self.micro_batches = cfg.gradient_accumulation_steps
-
     def _iter(self, micro_batches: list[np.ndarray]):
         return iter([_tensors(m, self.env.device) for m in micro_batches])
 
-    def train_step(self, micro_batches: list[np.ndarray]) -> float:
-        return self.engine.train_batch(self._iter(micro_batches)).item()  # mean over micro-batches and DP
-
-    @torch.no_grad()
-    def eval_loss(self, micro_batches: list[np.ndarray]) -> float:
-        loss = self.engine.eval_batch(self._iter(micro_batches), num_micro_batches=len(micro_batches))
-        return loss.item()
-
 
 def _mean_across(values: list[torch.Tensor], device: torch.device) -> float:
-    """Mean over every rank's values; one host sync per call (not one per micro-batch)."""
+    """Mean over every data-parallel replica's values; one host sync per call (not one per micro-batch).
+
+    Every tensor rank of a replica holds the same loss, so the sum over all ranks counts
+    each replica `tensor` times, in the numerator and the count alike.
+    """
     t = torch.stack([torch.stack(values).double().sum().to(device),
                      torch.tensor(float(len(values)), dtype=torch.float64, device=device)])
     dist.all_reduce(t)
     return (t[0] / t[1]).item()
 
 
-def build_runner(cfg: TrainConfig, env: DistEnv) -> StepRunner | PipelineStepRunner:
-    if cfg.tensor_parallel > 1 and cfg.pipeline_parallel > 1:
-        raise ValueError("tensor_parallel/pipeline_parallel: combining both is not supported yet; use one")
-    return PipelineStepRunner(cfg, env) if cfg.pipeline_parallel > 1 else StepRunner(cfg, env)
+def build_runner(cfg: TrainConfig, env: DistEnv) -> StepRunner:
+    return StepRunner(cfg, env)

@@ -244,8 +244,6 @@ def open_data(cfg: TrainConfig) -> TokenShards:
 
 def train(cfg: TrainConfig, reporters: list[Reporter] | None = None, stop_at_step: int | None = None) -> TrainResult:
     cfg.validate_world(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group starts
-    if cfg.tensor_parallel > 1 and cfg.pipeline_parallel > 1:
-        raise ValueError("tensor_parallel/pipeline_parallel: combining both is not supported yet; use one")
     shards = open_data(cfg)
     env = init_distributed()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
