@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import yaml
 
+from neox_runtime.api import layout
 from neox_runtime.api.layout import Coordinates, parameters_on_rank
 from neox_runtime.api.training import NeoXTrainingSpec
 
@@ -56,7 +57,7 @@ OPTIMIZER_BYTES = {"fp32": 8, "fp16": 12, "bf16": 12}  # Adam m, v (+ fp32 maste
 # (0.6 GiB measured on CPU) plus the data loader; on GPU also the CUDA context, cuBLAS and
 # NCCL (an allowance, not measured here).
 HOST_PROCESS = {"cpu": int(1.0 * GIB), "gpu": int(3.0 * GIB)}
-START_UP_CHUNK_BYTES = (1 << 22) * 4  # parallel/startup.CHUNK_ELEMENTS fp32 rows drawn together
+START_UP_CHUNK_BYTES = layout.INIT_CHUNK_ELEMENTS * 4  # fp32 rows drawn together at sharded start-up
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$")
 _UNITS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
           "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}

@@ -26,6 +26,11 @@ MAX_ZERO_STAGE_WITH_PIPELINE = 1
 # which is not tested here: refused rather than half supported.
 MAX_ZERO_STAGE_WITH_TENSOR = 2
 
+# Sharded start-up draws each parameter's initial values in chunks of this many elements
+# (rows of the full tensor drawn together from one generator): 16 MB of fp32. The runtime
+# (parallel/startup) draws with it and the planner counts it in host memory.
+INIT_CHUNK_ELEMENTS = 1 << 22
+
 # What each problem key is called in the two places a user writes a layout.
 FIELD_NAMES: dict[str, dict[str, str]] = {
     "runtime": {"world": "world size", "tensor": "tensor_parallel", "pipeline": "pipeline_parallel",

@@ -25,11 +25,12 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from neox_runtime.api import layout
 from neox_runtime.api.architecture import ModelArchitecture
 from neox_runtime.model import RotaryEmbedding, parameter_init
 from neox_runtime.parallel import sharding
 
-CHUNK_ELEMENTS = 1 << 22  # rows drawn together from one generator: 16 MB of fp32
+CHUNK_ELEMENTS = layout.INIT_CHUNK_ELEMENTS  # rows drawn together from one generator
 
 
 class ParameterSource(Protocol):
