@@ -1,4 +1,5 @@
-"""The per-pod launcher starts every local rank with torchrun-style env, and fails as a group."""
+"""The per-pod launcher starts every local rank with torchrun-style env, fails as a group,
+and reports a preempted pod as preempted; `plan_launch` says who starts the ranks."""
 
 from __future__ import annotations
 
@@ -6,11 +7,23 @@ import json
 import sys
 import time
 
-from neox_runtime.launch import Rendezvous, launch_local_ranks, needs_local_launch
+import pytest
+
+from neox_runtime.api import contract
+from neox_runtime.launch import Rendezvous, launch_local_ranks, plan_launch, pod_exit_code
 
 WRITE_ENV = ("import json, os, sys; json.dump({k: os.environ[k] for k in "
              "('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}, "
              "open(sys.argv[1] + '/rank-' + os.environ['RANK'], 'w'))")
+# A rank as neox-train behaves on SIGTERM: it finishes its step, saves, and exits EXIT_PREEMPTED.
+PREEMPTIBLE_RANK = f"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit({contract.EXIT_PREEMPTED}))
+if os.environ["LOCAL_RANK"] == "0":
+    time.sleep(0.5)
+    sys.exit({contract.EXIT_PREEMPTED})  # the rank that got the pod's SIGTERM first
+time.sleep(60)
+"""
 
 
 def test_each_local_rank_gets_its_global_rank(tmp_path):
@@ -30,7 +43,46 @@ def test_one_failing_rank_stops_the_others_and_fails_the_pod():
     assert time.monotonic() - started < 30
 
 
-def test_launch_is_needed_only_without_rank_and_with_several_ranks():
-    assert needs_local_launch({"NPROC_PER_NODE": "2"})
-    assert not needs_local_launch({"NPROC_PER_NODE": "2", "RANK": "0"})
-    assert not needs_local_launch({"NPROC_PER_NODE": "1"})
+def test_ranks_stopped_by_sigterm_make_the_pod_exit_preempted_not_zero():
+    rendezvous = Rendezvous(nnodes=1, nproc_per_node=3, node_rank=0, master_addr="x", master_port=1)
+    started = time.monotonic()
+    assert launch_local_ranks([sys.executable, "-c", PREEMPTIBLE_RANK], rendezvous) == contract.EXIT_PREEMPTED
+    assert time.monotonic() - started < 30  # the others were told (SIGTERM) rather than waited for
+
+
+@pytest.mark.parametrize(("codes", "pod"), [
+    ([0, 0], 0),
+    ([75, 75], 75),
+    ([0, 75], 75),       # a rank that finished does not make an unfinished peer a success
+    ([75, 1, 75], 1),    # a real failure wins over preemption: the checkpoint may be incomplete
+    ([-9, 75], 137),     # killed by SIGKILL, as a shell reports it
+    ([3, 7], 3),         # the first failure is the cause
+])
+def test_pod_exit_code_from_its_ranks(codes, pod):
+    assert contract.EXIT_PREEMPTED == 75
+    assert pod_exit_code(codes) == pod
+
+
+def test_torchrun_or_the_launcher_made_this_process_a_rank():
+    assert plan_launch({"RANK": "0", "WORLD_SIZE": "2", "NPROC_PER_NODE": "2"}, (1, 2)) is None
+
+
+def test_in_a_pod_the_operator_env_decides_even_for_one_rank():
+    env = {"NNODES": "2", "NPROC_PER_NODE": "1", "NODE_RANK": "1", "MASTER_ADDR": "t-a0-0.t-workers.ns.svc",
+           "MASTER_PORT": "29500"}
+    rendezvous = plan_launch(env, (1, 4))  # the env wins over the manifest: it is what the operator rendered
+    assert rendezvous == Rendezvous(2, 1, 1, "t-a0-0.t-workers.ns.svc", 29500)
+    assert rendezvous.rank_env(0)["RANK"] == "1" and rendezvous.rank_env(0)["WORLD_SIZE"] == "2"
+
+
+def test_by_hand_a_manifest_starts_its_ranks_on_this_machine():
+    rendezvous = plan_launch({}, (1, 2))
+    assert (rendezvous.nnodes, rendezvous.nproc_per_node, rendezvous.master_addr) == (1, 2, "127.0.0.1")
+    assert 0 < rendezvous.master_port < 65536
+    assert plan_launch({}, (1, 1)) is None  # one rank: this process
+    assert plan_launch({}, None) is None  # a plain runtime config: one process, torchrun for more
+
+
+def test_by_hand_a_manifest_of_several_nodes_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match=r"parallelism.nodes: 2 nodes .*--nnodes 2 --nproc-per-node 4"):
+        plan_launch({}, (2, 4))
