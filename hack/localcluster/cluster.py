@@ -26,6 +26,7 @@ from . import build, nodes
 DEFAULT_STATE_DIR = build.CACHE_ROOT / "cluster"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "provisioner")
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing on this machine routes to it
+POD_CIDR = "10.244.0.0/16"  # kwok assigns pod IPs from it; the pod runner makes them real (podnet)
 
 
 def free_port() -> int:
@@ -211,7 +212,7 @@ class LocalCluster:
             "--manage-all-nodes=false",
             "--manage-nodes-with-label-selector", f"{nodes.KWOK_LABEL}={nodes.KWOK_LABEL_VALUE}",
             "--node-lease-duration-seconds", "40",
-            "--cidr", "10.244.0.1/16", "--node-ip", "10.0.0.1",
+            "--cidr", POD_CIDR, "--node-ip", "10.0.0.1",
             "--server-address", f"127.0.0.1:{ports.kwok}",
         ])
 

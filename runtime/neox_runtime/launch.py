@@ -132,9 +132,12 @@ def _wait_all(children: list[subprocess.Popen], poll_seconds: float = 0.2) -> in
         for child in [c for c in running if c.poll() is not None]:
             running.remove(child)
             exited.append(child.returncode)
-            if child.returncode != 0:
+            # A failed rank leaves its peers hanging in a collective: stop them (SIGTERM, so a rank
+            # that still can saves first). A preempted one does not: its peers agreed to stop with
+            # it and are saving and exiting already; a signal now could kill one mid-exit.
+            if child.returncode not in (0, contract.EXIT_PREEMPTED):
                 for other in running:
-                    other.terminate()  # SIGTERM: a rank that still can saves its checkpoint first
+                    other.terminate()
         time.sleep(poll_seconds if running else 0)
     return pod_exit_code(exited)
 

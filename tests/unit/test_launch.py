@@ -4,6 +4,8 @@ and reports a preempted pod as preempted; `plan_launch` says who starts the rank
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import sys
 import time
 
@@ -15,14 +17,23 @@ from neox_runtime.launch import Rendezvous, launch_local_ranks, plan_launch, pod
 WRITE_ENV = ("import json, os, sys; json.dump({k: os.environ[k] for k in "
              "('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')}, "
              "open(sys.argv[1] + '/rank-' + os.environ['RANK'], 'w'))")
-# A rank as neox-train behaves on SIGTERM: it finishes its step, saves, and exits EXIT_PREEMPTED.
+# A rank as neox-train behaves on SIGTERM: it saves (a moment), then exits EXIT_PREEMPTED; while
+# it exits, another SIGTERM would kill it (Python has put the default handler back by then).
 PREEMPTIBLE_RANK = f"""
 import os, signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit({contract.EXIT_PREEMPTED}))
-if os.environ["LOCAL_RANK"] == "0":
-    time.sleep(0.5)
-    sys.exit({contract.EXIT_PREEMPTED})  # the rank that got the pod's SIGTERM first
+def stop(*_):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    time.sleep(0.2 + 0.8 * int(os.environ["LOCAL_RANK"]))  # rank 0 is done first, rank 1 still saving
+    sys.exit({contract.EXIT_PREEMPTED})
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[1] + "/ready-" + os.environ["LOCAL_RANK"], "w").close()
 time.sleep(60)
+"""
+# The pod's main process: neox-train's launcher with two local ranks.
+POD = """
+import sys
+from neox_runtime.launch import Rendezvous, launch_local_ranks
+sys.exit(launch_local_ranks([sys.executable, "-c", sys.argv[1], sys.argv[2]], Rendezvous(1, 2, 0, "x", 1)))
 """
 
 
@@ -43,11 +54,13 @@ def test_one_failing_rank_stops_the_others_and_fails_the_pod():
     assert time.monotonic() - started < 30
 
 
-def test_ranks_stopped_by_sigterm_make_the_pod_exit_preempted_not_zero():
-    rendezvous = Rendezvous(nnodes=1, nproc_per_node=3, node_rank=0, master_addr="x", master_port=1)
-    started = time.monotonic()
-    assert launch_local_ranks([sys.executable, "-c", PREEMPTIBLE_RANK], rendezvous) == contract.EXIT_PREEMPTED
-    assert time.monotonic() - started < 30  # the others were told (SIGTERM) rather than waited for
+def test_a_sigterm_to_the_pod_makes_it_exit_preempted_once_every_rank_saved(tmp_path):
+    pod = subprocess.Popen([sys.executable, "-c", POD, PREEMPTIBLE_RANK, str(tmp_path)])
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pod.send_signal(signal.SIGTERM)  # to the pod's main process only, as a kubelet does
+    assert pod.wait(timeout=30) == contract.EXIT_PREEMPTED  # not 0, and rank 1 was not killed mid-exit (143)
 
 
 @pytest.mark.parametrize(("codes", "pod"), [

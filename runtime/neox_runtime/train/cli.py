@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         from neox_runtime.train.loop import train  # imports torch/deepspeed only for a valid config
 
         result = train(cfg, stop_at_step=args.stop_at_step)
+        # Stopping already: a SIGTERM now (a launcher or kubelet repeating itself) must not kill the
+        # exit half-way, after Python has put the default handler back, and turn it into 143.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except ValueError as e:
         print(f"neox-train: invalid configuration: {e}", file=sys.stderr)
         return 2
