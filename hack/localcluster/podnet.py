@@ -163,9 +163,27 @@ class PodNetwork:
         return sandbox
 
     def remove(self, sandbox: Sandbox) -> None:
+        """Take a pod's network down once its processes are gone."""
+        with self._lock:
+            attached = self._sandboxes.pop(sandbox.netns, None) is not None
+        if attached:
+            self._unplumb(sandbox)
+            self._publish()
+        else:  # detached already: its IP (and route) may be another pod's now
+            _ip("netns", "del", sandbox.netns, check=False)
+
+    def detach(self, sandbox: Sandbox) -> None:
+        """Take a stopping pod off the network and out of DNS, so that its IP can go to a new pod.
+
+        kwok hands a deleted pod's IP to the next pod at once, while the deleted pod's
+        processes may still be in their grace period (or hung on a lost peer); a cluster
+        would keep the IP until they are gone. The old pod keeps its namespace (and its
+        loopback) until it exits; only its link to the bridge goes.
+        """
         with self._lock:
             self._sandboxes.pop(sandbox.netns, None)
-        self._unplumb(sandbox)
+        _ip("route", "del", f"{sandbox.ip}/32", "dev", self.bridge, check=False)
+        _ip("link", "del", sandbox.host_link, check=False)
         self._publish()
 
     def _plumb(self, sandbox: Sandbox) -> None:

@@ -65,6 +65,7 @@ class LocalPod:
     workdir: Path
     grace_seconds: int
     sandbox: podnet.Sandbox | None = None  # its own network, under pod networking
+    attached: bool = True  # False once taken off the network (its IP went to a new pod)
     terminating_since: float | None = None
 
 
@@ -90,6 +91,7 @@ class PodRunner:
     _pods: dict[str, LocalPod] = field(default_factory=dict)
     _job_ports: dict[str, int] = field(default_factory=dict)
     _waiting_for_ip: set[str] = field(default_factory=set)
+    _ended: set[str] = field(default_factory=set)  # uids whose process ran and exited (restartPolicy Never)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -146,7 +148,7 @@ class PodRunner:
             if pod["metadata"].get("deletionTimestamp"):
                 if local:
                     self._begin_termination(local)
-            elif local is None and pod["status"].get("phase") == "Running":
+            elif local is None and uid not in self._ended and pod["status"].get("phase") == "Running":
                 launched = self._launch(pod)
                 if launched is not None:
                     self._pods[uid] = launched
@@ -157,6 +159,7 @@ class PodRunner:
             if exit_code is not None:
                 exit_code = 128 - exit_code if exit_code < 0 else exit_code  # killed by signal N: 128 + N
                 self._pods.pop(uid)
+                self._ended.add(uid)
                 _kill_group(local.process)
                 self._release(local)
                 if uid in seen and local.terminating_since is None:
@@ -174,11 +177,21 @@ class PodRunner:
         return pod["status"].get("podIP")
 
     def _ip_in_use(self, pod: dict[str, Any], ip: str) -> bool:
-        """kwok hands a deleted pod's IP to the next pod at once; ours may still be stopping."""
-        holder = next((p for p in self._pods.values() if p.sandbox and p.sandbox.ip == ip), None)
+        """kwok hands a deleted pod's IP to the next pod at once; ours may still be stopping.
+
+        A stopping holder is taken off the network (it is deleted: nothing may reach it
+        any more); a pod still running is waited for.
+        """
+        holder = next((p for p in self._pods.values() if p.sandbox and p.sandbox.ip == ip and p.attached), None)
+        if holder is not None and holder.terminating_since is not None:
+            self.log(f"Pod {holder.name} is still stopping: taking it off the network for pod "
+                     f"{pod['metadata']['name']}, which was given its IP {ip}")
+            self._network.detach(holder.sandbox)
+            holder.attached = False
+            return False
         if holder is not None and pod["metadata"]["uid"] not in self._waiting_for_ip:
             self._waiting_for_ip.add(pod["metadata"]["uid"])
-            self.log(f"Pod {pod['metadata']['name']} waits for IP {ip}, still held by stopping pod {holder.name}")
+            self.log(f"Pod {pod['metadata']['name']} waits for IP {ip}, still held by pod {holder.name}")
         return holder is not None
 
     def _launch(self, pod: dict[str, Any]) -> LocalPod | None:

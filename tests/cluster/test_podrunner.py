@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -159,3 +160,69 @@ def test_each_pod_has_its_own_ip_hostname_and_dns_and_pods_meet_across_pod_ips(k
     assert seen["0"]["peer"] == ips["1"]  # across pod IPs, not loopback
     assert _leftovers(tag) == []  # namespaces, veths and the bridge went with the runner
     assert os.path.getsize("/etc/hosts") and "mesh-0" not in open("/etc/hosts").read()  # the host's file is untouched
+
+
+KILLED_RUNNER = """
+import sys, time
+from pathlib import Path
+from localcluster.podnet import PodNetwork
+network = PodNetwork(apiserver_port=int(sys.argv[2])).start()
+network.add("some-pod-uid", "10.244.250.1", "orphan-0", (), Path(sys.argv[1]))
+print(network.tag, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(podnet.unsupported_reason() is not None, reason=str(podnet.unsupported_reason()))
+def test_what_a_killed_runner_left_is_removed_by_the_next_one(tmp_path):
+    from neox_runtime.launch import free_port
+
+    hack = os.path.join(os.path.dirname(__file__), "..", "..", "hack")
+    runner = subprocess.Popen([sys.executable, "-c", KILLED_RUNNER, str(tmp_path), str(free_port())],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": hack})
+    tag = runner.stdout.readline().strip()
+    runner.kill()  # no cleanup at all
+    runner.wait()
+    assert len(_leftovers(tag)) == 2  # its bridge and its pod's namespace
+    podnet.remove_leftovers(log=lambda message: None)
+    assert _leftovers(tag) == []
+
+
+SERVE_HOSTNAME = """
+import socket
+with socket.create_server(("0.0.0.0", 8000)) as server:
+    for _ in range(2):
+        connection, _ = server.accept()
+        connection.sendall((socket.gethostname() + " " + socket.gethostbyname("new-0.w.ns.svc")).encode())
+        connection.close()
+"""
+
+
+def _ask(ip: str) -> str:
+    def answer():
+        with socket.create_connection((ip, 8000), timeout=5) as connection:
+            return connection.recv(100).decode()
+    return wait_for(answer, timeout=30, what=f"an answer at {ip}:8000")
+
+
+@pytest.mark.skipif(podnet.unsupported_reason() is not None, reason=str(podnet.unsupported_reason()))
+def test_the_ip_of_a_stopping_pod_goes_to_a_new_pod_without_breaking_it(tmp_path):
+    """kwok reuses a deleted pod's IP at once: the stopping pod leaves the network for the new one."""
+    from neox_runtime.launch import free_port
+
+    network = podnet.PodNetwork(apiserver_port=free_port(), log=lambda message: None).start()
+    try:
+        for name in ("old", "new"):
+            (tmp_path / name).mkdir()
+        old = network.add("old-uid", "10.244.251.1", "old-0", podnet.dns_names("old-0", "w", "ns"), tmp_path / "old")
+        network.detach(old)
+        new = network.add("new-uid", "10.244.251.1", "new-0", podnet.dns_names("new-0", "w", "ns"), tmp_path / "new")
+        server = subprocess.Popen(new.wrap([sys.executable, "-c", SERVE_HOSTNAME]))
+        assert _ask("10.244.251.1") == "new-0 10.244.251.1"  # its hostname, its DNS record, its IP
+        assert "old-0" not in new.hosts_file.read_text()
+        network.remove(old)  # the old pod's processes are gone at last: the new pod's route stays
+        assert _ask("10.244.251.1") == "new-0 10.244.251.1"
+        assert server.wait(timeout=30) == 0
+    finally:
+        network.stop()
+    assert _leftovers(network.tag) == []
