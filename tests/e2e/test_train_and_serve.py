@@ -92,8 +92,11 @@ def test_two_pod_training_survives_preemption_and_a_lost_pod_and_is_served(kube:
         pods = wait_for(lambda: running(1), timeout=120, what="both pods of attempt 1 running")
         wait_for(lambda: _resumed_at(kube, namespace, 1), timeout=300, what="attempt 1 resumed")
         assert _resumed_at(kube, namespace, 1) == {preemption_step}
-        checkpoint = wait_for(lambda: (step := (status().get("latestCheckpoint") or {}).get("step", 0)) > preemption_step
-                              and step, timeout=300, what="a checkpoint of attempt 1")
+        def checkpoint_after_preemption() -> int:
+            step = (status().get("latestCheckpoint") or {}).get("step", 0)
+            return step if step > preemption_step else 0
+
+        checkpoint = wait_for(checkpoint_after_preemption, timeout=300, what="a checkpoint of attempt 1")
         assert runner.kill(_pod_name(pods, 0), signal.SIGKILL)
 
         final = wait_for(lambda: status() if status().get("phase") in ("Succeeded", "Failed") else None,

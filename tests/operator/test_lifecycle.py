@@ -100,8 +100,7 @@ def test_preempted_pods_restart_the_group_without_spending_max_restarts(kube, na
     kube.apply(training(name, failurePolicy={"maxRestarts": 0}), namespace)
     for attempt in (0, 1):  # twice preempted: a budget of zero restarts is not touched
         pods = wait_for(lambda: running_pods(kube, namespace, name, attempt, 2), 60, what=f"attempt {attempt}")
-        for pod in pods:
-            kube.finish_pod(pod["metadata"]["name"], namespace, contract.EXIT_PREEMPTED)
+        kube.finish_pod(pods[attempt]["metadata"]["name"], namespace, contract.EXIT_PREEMPTED)  # its peer goes with it
     pods = wait_for(lambda: running_pods(kube, namespace, name, 2, 2), 60, what="attempt 2 running")
     st = status(kube, namespace, name)
     assert (st["restarts"], st["preemptions"], st["phase"]) == (2, 2, "Running")
