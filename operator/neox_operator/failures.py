@@ -56,8 +56,14 @@ def _pod_failure(pod: dict[str, Any], node_ready: dict[str, bool]) -> Failure | 
     name, index = pod["metadata"]["name"], _index(pod)
     status = pod.get("status") or {}
     where = f"index {index} (pod {name})"
+    disrupted = find(status.get("conditions"), "DisruptionTarget")
+    disrupted = disrupted if disrupted and disrupted.get("status") == "True" else None
     if status.get("phase") == "Failed":
         code = _terminated(pod).get("exitCode")
+        if disrupted is not None:  # evicted or preempted by Kubernetes, whatever it exited with
+            return Failure("PodDisrupted", f"{where} was disrupted ({disrupted.get('reason', '')}: "
+                           f"{disrupted.get('message', '')}) and exited with code {code}", index, name, code,
+                           counted=False)
         if code == contract.EXIT_PREEMPTED:
             return Failure("Preempted", f"{where} stopped before its final step on SIGTERM and saved a checkpoint "
                            f"(exit code {code})", index, name, code, counted=False)
@@ -66,8 +72,7 @@ def _pod_failure(pod: dict[str, Any], node_ready: dict[str, bool]) -> Failure | 
     node = (pod.get("spec") or {}).get("nodeName")
     if node and status.get("phase") in ("Running", "Pending") and node_ready.get(node) is False:
         return Failure("NodeLost", f"{where} is on node {node}, which is not Ready", index, name)
-    disrupted = find(status.get("conditions"), "DisruptionTarget")
-    if disrupted and disrupted.get("status") == "True":
+    if disrupted is not None:
         return Failure("PodDisrupted", f"{where} was disrupted: {disrupted.get('message', '')}", index, name,
                        counted=False)
     return None

@@ -263,6 +263,18 @@ def test_a_preempted_group_restarts_without_spending_max_restarts():
     assert "gave up after 0 restarts (maxRestarts 0) and 1 preemptions" in _condition(final, "Failed")["message"]
 
 
+def test_a_pod_kubernetes_disrupted_does_not_count_whatever_it_exited_with():
+    body, children, jobs = _running_attempt(failurePolicy={"maxRestarts": 0})
+    evicted = _failed_pod(1, 137)  # killed at the end of its grace period, say
+    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                        "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]
+    decision = reconcile(_observe(body, children, jobs, [evicted]))
+    assert decision.status["phase"] == "Restarting" and decision.status["preemptions"] == 1
+    restarting = _condition(decision, "Restarting")
+    assert restarting["reason"] == "PodDisrupted" and "EvictionByEvictionAPI" in restarting["message"]
+    assert "exited with code 137" in restarting["message"]
+
+
 def test_a_real_failure_among_preempted_pods_counts():
     body, children, jobs = _running_attempt(failurePolicy={"maxRestarts": 0})
     final = reconcile(_observe(body, children, jobs, [_failed_pod(0, 75), _failed_pod(1, 1)]))
