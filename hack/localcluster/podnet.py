@@ -172,6 +172,14 @@ class PodNetwork:
         else:  # detached already: its IP (and route) may be another pod's now
             _ip("netns", "del", sandbox.netns, check=False)
 
+    def spare_ip(self) -> str:
+        """An address of the pod CIDR no pod here has, from its top (kwok allocates from the bottom)."""
+        network = ipaddress.ip_network(POD_CIDR, strict=False)
+        with self._lock:
+            taken = {s.ip for s in self._sandboxes.values()}
+        return next(str(ip) for ip in (network.broadcast_address - k for k in range(1, network.num_addresses - 1))
+                    if str(ip) not in taken)
+
     def detach(self, sandbox: Sandbox) -> None:
         """Take a stopping pod off the network and out of DNS, so that its IP can go to a new pod.
 

@@ -90,7 +90,6 @@ class PodRunner:
     _network: podnet.PodNetwork | None = None
     _pods: dict[str, LocalPod] = field(default_factory=dict)
     _job_ports: dict[str, int] = field(default_factory=dict)
-    _waiting_for_ip: set[str] = field(default_factory=set)
     _ended: set[str] = field(default_factory=set)  # uids whose process ran and exited (restartPolicy Never)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -170,35 +169,36 @@ class PodRunner:
                 _kill_group(local.process)
 
     # ------------------------------------------------------------------ launching
-    def _own_network(self, pod: dict[str, Any]) -> str | None:
-        """The pod IP to give the pod its own network with; None to run it on the host's."""
-        if self._network is None or pod["spec"].get("hostNetwork"):
-            return None
-        return pod["status"].get("podIP")
+    def _pod_ip(self, pod: dict[str, Any]) -> str:
+        """The address the pod gets its own network at: kwok's status.podIP, unless it is taken.
 
-    def _ip_in_use(self, pod: dict[str, Any], ip: str) -> bool:
-        """kwok hands a deleted pod's IP to the next pod at once; ours may still be stopping.
-
-        A stopping holder is taken off the network (it is deleted: nothing may reach it
-        any more); a pod still running is waited for.
+        kwok hands a deleted pod's IP to the next pod at once, while ours may still be
+        stopping: the stopping one leaves the network (it is deleted, nothing may reach it
+        any more). Two live pods with one IP (kwok can do that to pods it starts at the same
+        moment) cannot both have it: the second gets a spare address, and its downward API,
+        DNS records and published addresses say so.
         """
+        ip = pod["status"]["podIP"]
         holder = next((p for p in self._pods.values() if p.sandbox and p.sandbox.ip == ip and p.attached), None)
-        if holder is not None and holder.terminating_since is not None:
+        if holder is None:
+            return ip
+        if holder.terminating_since is not None:
             self.log(f"Pod {holder.name} is still stopping: taking it off the network for pod "
                      f"{pod['metadata']['name']}, which was given its IP {ip}")
             self._network.detach(holder.sandbox)
             holder.attached = False
-            return False
-        if holder is not None and pod["metadata"]["uid"] not in self._waiting_for_ip:
-            self._waiting_for_ip.add(pod["metadata"]["uid"])
-            self.log(f"Pod {pod['metadata']['name']} waits for IP {ip}, still held by pod {holder.name}")
-        return holder is not None
+            return ip
+        spare = self._network.spare_ip()
+        self.log(f"Pod {pod['metadata']['name']} was given IP {ip}, which running pod {holder.name} has: "
+                 f"using {spare} instead")
+        return spare
 
     def _launch(self, pod: dict[str, Any]) -> LocalPod | None:
         meta, spec = pod["metadata"], pod["spec"]
-        ip = self._own_network(pod)
-        if self._network is not None and not spec.get("hostNetwork") and (ip is None or self._ip_in_use(pod, ip)):
-            return None
+        own_network = self._network is not None and not spec.get("hostNetwork")
+        if own_network and not pod["status"].get("podIP"):
+            return None  # kwok sets it with Running; wait for it
+        ip = self._pod_ip(pod) if own_network else None
         workdir = self.state_dir / "pods" / f"{meta['namespace']}_{meta['name']}"
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
@@ -207,7 +207,7 @@ class PodRunner:
         for c in spec.get("initContainers", []) + [container]:
             mounts = self._materialize_volumes(pod, c, workdir)
             argvs.append([_rewrite(arg, mounts) for arg in c.get("command", []) + c.get("args", [])])
-        env = self._environment(pod, container, mounts, workdir, on_host=ip is None)  # the main container's
+        env = self._environment(pod, container, mounts, workdir, ip)  # the main container's
         addresses = _publish_port(argvs[-1], ip)
         if addresses:
             self.kubectl("annotate", "pod", meta["name"], "-n", meta["namespace"], "--overwrite",
@@ -232,7 +232,6 @@ class PodRunner:
             raise
         finally:
             log_file.close()
-        self._waiting_for_ip.discard(meta["uid"])
         return LocalPod(meta["namespace"], meta["name"], meta["uid"], process, workdir,
                         int(spec.get("terminationGracePeriodSeconds", 30)), sandbox)
 
@@ -282,14 +281,16 @@ class PodRunner:
                 (target / item["path"]).write_text(value)
 
     def _environment(self, pod: dict[str, Any], container: dict[str, Any], mounts: dict[str, Path],
-                     workdir: Path, on_host: bool) -> dict[str, str]:
+                     workdir: Path, pod_ip: str | None) -> dict[str, str]:
+        """The main container's env; `pod_ip` None: the pod shares the host's network."""
+        on_host = pod_ip is None
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG",)}
         if self.path_prefix:
             env["PATH"] = os.pathsep.join(self.path_prefix + [env.get("PATH", "")])
         for item in container.get("env", []):
             value = item.get("value")
             if value is None and "valueFrom" in item:
-                value = self._value_from(pod, item["valueFrom"], on_host)
+                value = self._value_from(pod, item["valueFrom"], pod_ip)
             if value is not None:
                 env[item["name"]] = _rewrite(str(value), mounts)
         job = pod["metadata"].get("labels", {}).get("job-name") or pod["metadata"]["name"]
@@ -301,12 +302,12 @@ class PodRunner:
         env["HOSTNAME"] = _hostname(pod)
         return env
 
-    def _value_from(self, pod: dict[str, Any], source: dict[str, Any], on_host: bool) -> str | None:
+    def _value_from(self, pod: dict[str, Any], source: dict[str, Any], pod_ip: str | None) -> str | None:
         if "fieldRef" in source:
-            if on_host:
+            if pod_ip is None:
                 local = {"status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
             else:  # the pod's own IP; the node is the gateway it reaches this machine by
-                local = {"status.podIP": pod["status"]["podIP"], "status.hostIP": self._network.gateway}
+                local = {"status.podIP": pod_ip, "status.hostIP": self._network.gateway}
             return local.get(source["fieldRef"]["fieldPath"]) or _field_path(pod, source["fieldRef"]["fieldPath"])
         for key, kind in (("configMapKeyRef", "configmap"), ("secretKeyRef", "secret")):
             if key in source:

@@ -220,6 +220,11 @@ def test_the_ip_of_a_stopping_pod_goes_to_a_new_pod_without_breaking_it(tmp_path
         server = subprocess.Popen(new.wrap([sys.executable, "-c", SERVE_HOSTNAME]))
         assert _ask("10.244.251.1") == "new-0 10.244.251.1"  # its hostname, its DNS record, its IP
         assert "old-0" not in new.hosts_file.read_text()
+        # Two live pods given one IP by kwok: the second gets a spare one, from the top of the pod CIDR.
+        assert network.spare_ip() == "10.244.255.254"
+        twin = network.add("twin-uid", network.spare_ip(), "twin-0", (), tmp_path)
+        assert network.spare_ip() == "10.244.255.253"
+        network.remove(twin)
         network.remove(old)  # the old pod's processes are gone at last: the new pod's route stays
         assert _ask("10.244.251.1") == "new-0 10.244.251.1"
         assert server.wait(timeout=30) == 0
