@@ -26,6 +26,7 @@ from . import build, nodes
 DEFAULT_STATE_DIR = build.CACHE_ROOT / "cluster"
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "provisioner")
 SERVICE_CIDR = "10.96.0.0/16"  # allocation only: nothing on this machine routes to it
+POD_CIDR = "10.244.0.0/16"  # kwok assigns pod IPs from it; the pod runner makes them real (podnet)
 
 
 def free_port() -> int:
@@ -101,8 +102,24 @@ class LocalCluster:
         nodes.register_gpu_nodes(self.kubectl, self.gpu_nodes)
         self._wait(lambda: nodes.ready_count(self.kubectl) >= self.gpu_nodes, timeout, "nodes Ready")
         self._wait(self._default_service_account_exists, timeout, "default ServiceAccount")
+        self._make_pod_ip_pool(timeout)
         self.log(f"Local cluster up in {time.monotonic() - started:.1f}s; state in {self.state_dir}")
         return self.kubeconfig
+
+    def _make_pod_ip_pool(self, timeout: float) -> None:
+        """Have kwok assign one pod IP before any workload does.
+
+        kwok creates its pod-IP pool on first use without a lock: pods it starts at the same
+        moment in a fresh kwok can get the same IP (two pods of a Job at 10.244.0.0). One
+        pod started alone first creates the pool; every later IP is unique.
+        """
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "kwok-pod-ip-pool", "namespace": "default"},
+               "spec": {"nodeName": nodes.node_name(0), "automountServiceAccountToken": False,
+                        "containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10"}]}}
+        self.kubectl("apply", "-f", "-", input=json.dumps(pod))
+        self._wait(lambda: json.loads(self.kubectl("get", "pod", "kwok-pod-ip-pool", "-n", "default", "-o", "json")
+                                      .stdout).get("status", {}).get("podIP"), timeout, "a first pod IP from kwok")
+        self.kubectl("delete", "pod", "kwok-pod-ip-pool", "-n", "default", "--wait=false")
 
     def _write_credentials(self, ports: Ports) -> None:
         pki = self.state_dir / "pki"
@@ -211,7 +228,7 @@ class LocalCluster:
             "--manage-all-nodes=false",
             "--manage-nodes-with-label-selector", f"{nodes.KWOK_LABEL}={nodes.KWOK_LABEL_VALUE}",
             "--node-lease-duration-seconds", "40",
-            "--cidr", "10.244.0.1/16", "--node-ip", "10.0.0.1",
+            "--cidr", POD_CIDR, "--node-ip", "10.0.0.1",
             "--server-address", f"127.0.0.1:{ports.kwok}",
         ])
 

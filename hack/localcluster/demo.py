@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from .cluster import LocalCluster
-from .podrunner import PORTS_ANNOTATION, PodRunner
+from .podrunner import ADDRESSES_ANNOTATION, PodRunner
 from .provisioner import bound_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -148,17 +148,17 @@ class Demo:
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=yaml.safe_dump(manifest))
         log(f"Applied NeoXServing {name}; the pod converts the checkpoint, then serves it")
 
-        def published_port():
+        def published_address():
             out = self.kubectl("get", "pods", "-n", self.namespace, "-l", f"neox.dev/serving={name}", "-o", "json")
             for pod in json.loads(out.stdout)["items"]:
                 if pod["metadata"].get("deletionTimestamp"):
                     continue
-                ports = json.loads(pod["metadata"].get("annotations", {}).get(PORTS_ANNOTATION, "{}"))
-                if "8000" in ports:
-                    return ports["8000"]
+                addresses = json.loads(pod["metadata"].get("annotations", {}).get(ADDRESSES_ANNOTATION, "{}"))
+                if "8000" in addresses:
+                    return addresses["8000"]
             return None
 
-        base_url = f"http://127.0.0.1:{_wait(published_port, 120, 'the serving pod to start')}/v1"
+        base_url = f"http://{_wait(published_address, 120, 'the serving pod to start')}/v1"
         wait_for_server(base_url, timeout)
         log(f"NeoXServing {name} answers on {base_url}")
         return base_url

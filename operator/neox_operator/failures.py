@@ -1,8 +1,15 @@
-"""What counts as a failed attempt: a failed pod, a pod on a lost node, a hang (pure).
+"""What ends an attempt early: a failed pod, a preempted pod, a pod on a lost node, a hang (pure).
 
 Any of these restarts the whole group, because one missing rank stalls every other
 rank's collectives. The first failure (by time, then completion index) is the one
 named in status, so the message points at the cause rather than at the collateral.
+
+A preemption is not a failure of the training: a pod that exited with
+`contract.EXIT_PREEMPTED` (its ranks saved a checkpoint on SIGTERM and stopped), or one
+Kubernetes marked with the `DisruptionTarget` condition (scheduler preemption, eviction,
+node drain), restarts the group without counting against `maxRestarts` — the same split a
+Job's podFailurePolicy makes with `Ignore` for those pods. When any pod of the attempt
+failed for another reason, that failure is the one reported, and it counts.
 """
 
 from __future__ import annotations
@@ -11,17 +18,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from neox_runtime.api import contract
+
 from .conditions import find, parse_time
 from .render import COMPLETION_INDEX_ANNOTATION
 
 
 @dataclass(frozen=True)
 class Failure:
-    reason: str  # CamelCase: PodFailed, NodeLost, PodDisrupted, ProgressTimeout, JobFailed
+    # CamelCase: PodFailed, Preempted, NodeLost, PodDisrupted, ProgressTimeout, JobFailed, FinalStepNotReported
+    reason: str
     message: str
     index: int | None = None
     pod: str | None = None
     exit_code: int | None = None
+    counted: bool = True  # counts against spec.failurePolicy.maxRestarts; a preemption does not
 
 
 def job_condition(job: dict[str, Any], type_: str) -> str | None:
@@ -45,16 +56,25 @@ def _pod_failure(pod: dict[str, Any], node_ready: dict[str, bool]) -> Failure | 
     name, index = pod["metadata"]["name"], _index(pod)
     status = pod.get("status") or {}
     where = f"index {index} (pod {name})"
+    disrupted = find(status.get("conditions"), "DisruptionTarget")
+    disrupted = disrupted if disrupted and disrupted.get("status") == "True" else None
     if status.get("phase") == "Failed":
         code = _terminated(pod).get("exitCode")
+        if disrupted is not None:  # evicted or preempted by Kubernetes, whatever it exited with
+            return Failure("PodDisrupted", f"{where} was disrupted ({disrupted.get('reason', '')}: "
+                           f"{disrupted.get('message', '')}) and exited with code {code}", index, name, code,
+                           counted=False)
+        if code == contract.EXIT_PREEMPTED:
+            return Failure("Preempted", f"{where} stopped before its final step on SIGTERM and saved a checkpoint "
+                           f"(exit code {code})", index, name, code, counted=False)
         reason = status.get("reason") or _terminated(pod).get("reason") or "Error"
         return Failure("PodFailed", f"{where} failed with exit code {code} ({reason})", index, name, code)
     node = (pod.get("spec") or {}).get("nodeName")
     if node and status.get("phase") in ("Running", "Pending") and node_ready.get(node) is False:
         return Failure("NodeLost", f"{where} is on node {node}, which is not Ready", index, name)
-    disrupted = find(status.get("conditions"), "DisruptionTarget")
-    if disrupted and disrupted.get("status") == "True":
-        return Failure("PodDisrupted", f"{where} was disrupted: {disrupted.get('message', '')}", index, name)
+    if disrupted is not None:
+        return Failure("PodDisrupted", f"{where} was disrupted: {disrupted.get('message', '')}", index, name,
+                       counted=False)
     return None
 
 
@@ -65,9 +85,10 @@ def _sort_key(pair: tuple[dict[str, Any], Failure]) -> tuple[str, int]:
 
 def detect_failure(job: dict[str, Any], pods: list[dict[str, Any]], node_ready: dict[str, bool],
                    status: dict[str, Any], spec: Any, now: datetime) -> Failure | None:
-    failures = [(pod, f) for pod in pods if (f := _pod_failure(pod, node_ready)) is not None]
+    found = [(pod, f) for pod in pods if (f := _pod_failure(pod, node_ready)) is not None]
+    failures = [f for _, f in sorted(found, key=_sort_key)]
     if failures:
-        return sorted(failures, key=_sort_key)[0][1]
+        return next((f for f in failures if f.counted), failures[0])
     if job_condition(job, "Failed") == "True":
         cond = find(job["status"]["conditions"], "Failed") or {}
         return Failure("JobFailed", f"Job {job['metadata']['name']} failed: {cond.get('reason')}: "

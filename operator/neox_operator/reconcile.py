@@ -25,6 +25,10 @@ from .diff import Action, child_actions
 from .failures import Failure, detect_failure, job_condition, workers_ready
 
 CONDITION_TYPES = ("Feasible", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Ready")
+# How long a Job that completed without the runtime's final-step report waits for it: the
+# report is written before the ranks exit, but this reconcile may have read the training
+# just before it landed.
+FINAL_REPORT_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,16 @@ def attempt_of(job: dict[str, Any]) -> int:
 def backoff(spec: NeoXTrainingSpec, restarts: int) -> float:
     policy = spec.failure_policy
     return float(min(policy.backoff_seconds * 2 ** max(restarts - 1, 0), policy.max_backoff_seconds))
+
+
+def restart_backoff(spec: NeoXTrainingSpec, restarts: int, preemptions: int) -> float:
+    """The wait before the next attempt: it doubles with the failures, not with the preemptions."""
+    return backoff(spec, max(1, restarts - preemptions))
+
+
+def final_step_reported(status: dict[str, Any], spec: NeoXTrainingSpec) -> bool:
+    """The runtime reported the last step of spec.training.steps (its `done` report carries it)."""
+    return ((status.get("progress") or {}).get("step") or 0) >= spec.training.steps
 
 
 class _Builder:
@@ -215,7 +229,7 @@ def _active(b: _Builder, spec: NeoXTrainingSpec, owner: render.Owner) -> Decisio
     b.cond("Restarting", FALSE, "Restarted" if attempt else "NotRestarting", "")
     pods = [p for p in obs.pods if p["metadata"].get("labels", {}).get(names.LABEL_ATTEMPT) == str(attempt)]
     if job_condition(job, "Complete") == TRUE or job_condition(job, "SuccessCriteriaMet") == TRUE:
-        return _succeeded(b)
+        return _succeeded(b, spec) if final_step_reported(b.old, spec) else _completed_early(b, spec, job)
     suspended = bool((job.get("spec") or {}).get("suspend"))
     failure = None if spec.suspend else detect_failure(job, pods, obs.node_ready, b.old, spec, obs.now)
     if failure is not None:
@@ -228,7 +242,7 @@ def _start_job(b: _Builder, spec: NeoXTrainingSpec, owner: render.Owner, attempt
     restarting = find(b.old.get("conditions"), "Restarting")
     if restarting and restarting.get("status") == TRUE:
         since = parse_time(restarting.get("lastTransitionTime")) or b.obs.now
-        wait = (since - b.obs.now).total_seconds() + backoff(spec, attempt)
+        wait = (since - b.obs.now).total_seconds() + restart_backoff(spec, attempt, b.old.get("preemptions", 0))
         if wait > 0:
             b.decision.requeue_after = wait
             b.cond("Restarting", TRUE, restarting.get("reason", "Restarting"), restarting.get("message", ""))
@@ -253,32 +267,69 @@ def _waiting(b: _Builder, spec: NeoXTrainingSpec, phase: str) -> Decision:
     return b.finish("Suspended" if spec.suspend and phase == "Pending" else phase)
 
 
-def _succeeded(b: _Builder) -> Decision:
+def _succeeded(b: _Builder, spec: NeoXTrainingSpec) -> Decision:
     b.status.update(completionTime=rfc3339(b.obs.now), workersReady=0,
                     workers=f"0/{b.status['workersTotal']}")
-    b.event("Normal", "Succeeded", "All workers completed")
+    message = f"All workers completed; the runtime reported the final step {spec.training.steps}"
+    b.event("Normal", "Succeeded", message)
     for type_, status, reason in (("Running", FALSE, "Succeeded"), ("Suspended", FALSE, "NotSuspended"),
-                                  ("Succeeded", TRUE, "JobComplete"), ("Failed", FALSE, "Succeeded"),
+                                  ("Succeeded", TRUE, "FinalStepReached"), ("Failed", FALSE, "Succeeded"),
                                   ("Ready", TRUE, "Succeeded")):
-        b.cond(type_, status, reason, "All workers completed" if status == TRUE else "")
+        b.cond(type_, status, reason, message if status == TRUE else "")
     return b.finish("Succeeded")
 
 
+def _completed_early(b: _Builder, spec: NeoXTrainingSpec, job: dict[str, Any]) -> Decision:
+    """The Job completed, but the runtime never reported the final step: not a success.
+
+    After a short grace (the report may be in flight), the attempt counts as failed and
+    the group restarts from the latest checkpoint, which reports the final step at once
+    if only the report was lost; if it keeps happening, maxRestarts ends it as Failed
+    with reason FinalStepNotReported.
+    """
+    step = (b.old.get("progress") or {}).get("step")
+    name = job["metadata"]["name"]
+    completed = parse_time((job.get("status") or {}).get("completionTime")) or b.obs.now
+    waited = (b.obs.now - completed).total_seconds()
+    message = (f"Job {name} completed, but the runtime reported step {step if step is not None else 'none'} "
+               f"of {spec.training.steps}, not the final step")
+    if waited >= FINAL_REPORT_GRACE_SECONDS:
+        return _failed_attempt(b, spec, job, Failure("FinalStepNotReported", message))
+    b.decision.requeue_after = FINAL_REPORT_GRACE_SECONDS - waited
+    b.status.update(workersReady=0, workers=f"0/{spec.parallelism.nodes}")
+    message += f"; waiting up to {FINAL_REPORT_GRACE_SECONDS:.0f}s for the report before restarting"
+    for type_, reason in (("Running", "FinalStepNotReported"), ("Suspended", "NotSuspended"),
+                          ("Succeeded", "FinalStepNotReported"), ("Failed", "NotFinished"),
+                          ("Ready", "FinalStepNotReported")):
+        b.cond(type_, FALSE, reason, message if reason == "FinalStepNotReported" else "")
+    return b.finish("Completing")
+
+
 def _failed_attempt(b: _Builder, spec: NeoXTrainingSpec, job: dict[str, Any], failure: Failure) -> Decision:
-    restarts = b.status["restarts"]
+    """Replace the attempt's Job with the next one, or end as Failed once maxRestarts failures are spent.
+
+    `restarts` counts every restart (it is the durable attempt number), `preemptions` those
+    that a preemption caused, which maxRestarts does not count.
+    """
+    restarts, preemptions = b.status["restarts"], b.old.get("preemptions", 0)
+    failures, max_restarts = restarts - preemptions, spec.failure_policy.max_restarts
     b.decision.actions.append(Action("delete", "Job", job["metadata"]["name"]))
     b.decision.status_first = True
-    if restarts >= spec.failure_policy.max_restarts:
-        message = f"{failure.message}; gave up after {restarts} restarts (maxRestarts {spec.failure_policy.max_restarts})"
+    if failure.counted and failures >= max_restarts:
+        message = f"{failure.message}; gave up after {failures} restarts (maxRestarts {max_restarts})" + (
+            f" and {preemptions} preemptions" if preemptions else "")
         b.status.update(completionTime=rfc3339(b.obs.now), workersReady=0, workers=f"0/{spec.parallelism.nodes}")
         b.event("Warning", "Failed", message)
         for type_, status in (("Running", FALSE), ("Restarting", FALSE), ("Suspended", FALSE),
                               ("Succeeded", FALSE), ("Failed", TRUE), ("Ready", FALSE)):
             b.cond(type_, status, failure.reason, message if status == TRUE or type_ == "Ready" else "")
         return b.finish("Failed")
-    wait = backoff(spec, restarts + 1)
-    message = f"{failure.message}; restarting the group from the latest checkpoint (restart {restarts + 1} of " \
-              f"at most {spec.failure_policy.max_restarts}) in {wait:.0f}s"
+    if not failure.counted:
+        b.status["preemptions"] = preemptions = preemptions + 1
+    wait = restart_backoff(spec, restarts + 1, preemptions)
+    counted = (f"restart {failures + 1} of at most {max_restarts}" if failure.counted else
+               f"a preemption, not counted against maxRestarts {max_restarts}")
+    message = f"{failure.message}; restarting the group from the latest checkpoint ({counted}) in {wait:.0f}s"
     b.status["restarts"] = restarts + 1
     b.decision.restarted = True
     b.decision.requeue_after = wait

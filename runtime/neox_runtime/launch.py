@@ -2,11 +2,15 @@
 
 The operator gives each pod NNODES, NPROC_PER_NODE, NODE_RANK (from the Job completion
 index), MASTER_ADDR and MASTER_PORT. When `neox-train` starts without a RANK in its
-environment and the pod has more than one rank, it calls `launch_local_ranks`, which
-starts one child per local rank with RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE
-set, forwards SIGTERM/SIGINT to all of them (so each saves its part of the checkpoint),
-and exits with the first failing child's code — the pod fails as a whole, and the
-operator restarts the group.
+environment, `plan_launch` says where this process stands: in a pod, the operator's env
+decides; run by hand with a NeoXTraining manifest, the manifest's ranks per node are
+started on this machine (a free loopback port for the rendezvous), and a manifest of
+several nodes is refused, since one machine cannot play them. `launch_local_ranks` starts
+one child per local rank with RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE set,
+forwards SIGTERM/SIGINT to all of them (so each saves its part of the checkpoint), and
+exits with the pod's code (`pod_exit_code`): a failing rank fails the pod as a whole and
+the operator restarts the group; ranks that stopped early on SIGTERM make it exit
+`contract.EXIT_PREEMPTED`, never 0.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ class Rendezvous:
         except ValueError as error:
             raise ValueError(f"invalid rendezvous environment: {error}") from None
 
+    @classmethod
+    def on_this_machine(cls, nproc_per_node: int) -> "Rendezvous":
+        """One node of `nproc_per_node` ranks meeting on a free loopback port (a run by hand)."""
+        return cls(nnodes=1, nproc_per_node=nproc_per_node, node_rank=0, master_addr="127.0.0.1",
+                   master_port=free_port())
+
     def rank_env(self, local_rank: int) -> dict[str, str]:
         return {
             contract.ENV_RANK: str(self.node_rank * self.nproc_per_node + local_rank),
@@ -68,10 +78,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def needs_local_launch(env: dict[str, str] | None = None) -> bool:
-    """True in a pod that must start its own ranks (no RANK yet, several ranks per pod)."""
+def plan_launch(env: dict[str, str] | None = None, manifest_layout: tuple[int, int] | None = None
+                ) -> Rendezvous | None:
+    """Where this `neox-train` process stands; None when it is already the one rank it runs as.
+
+    `manifest_layout` is (nodes, ranks per node) of the NeoXTraining the config came from,
+    None for a plain runtime config. A Rendezvous means: this process is a pod (or a run by
+    hand) whose local ranks must be started, `nproc_per_node` of them (1: this process is
+    that rank once its env is set).
+    """
     env = dict(os.environ if env is None else env)
-    return contract.ENV_RANK not in env and int(env.get(contract.ENV_NPROC_PER_NODE, "1")) > 1
+    if contract.ENV_RANK in env:  # torchrun, or our own launcher, made this process a rank
+        return None
+    if contract.ENV_NPROC_PER_NODE in env:  # a pod: the operator's env says who we are
+        return Rendezvous.from_env(env)
+    if manifest_layout is None:  # a plain runtime config: one process (torchrun for more)
+        return None
+    nodes, ranks_per_node = manifest_layout
+    if nodes > 1:
+        raise ValueError(
+            f"parallelism.nodes: {nodes} nodes cannot be started by hand on one machine; apply the manifest "
+            f"to a cluster (the operator starts one pod per node), or start it under torchrun on each machine "
+            f"(--nnodes {nodes} --nproc-per-node {ranks_per_node})")
+    return Rendezvous.on_this_machine(ranks_per_node) if ranks_per_node > 1 else None
 
 
 def launch_local_ranks(argv: list[str], rendezvous: Rendezvous | None = None) -> int:
@@ -96,19 +125,35 @@ def launch_local_ranks(argv: list[str], rendezvous: Rendezvous | None = None) ->
 
 
 def _wait_all(children: list[subprocess.Popen], poll_seconds: float = 0.2) -> int:
-    """Wait for every child; when one fails, stop the rest (they would hang in a collective)."""
-    first_failure = 0
-    while [child.poll() for child in children].count(None):  # poll every child, no short-circuit
-        failed = [c.returncode for c in children if c.returncode not in (None, 0)]
-        if failed and not first_failure:
-            first_failure = failed[0]
-            for child in children:
-                if child.poll() is None:
-                    child.terminate()
-        time.sleep(poll_seconds)
-    codes = [child.returncode for child in children]
-    code = first_failure or next((code for code in codes if code != 0), 0)
-    return 128 - code if code < 0 else code  # killed by signal N → 128 + N, as a shell reports it
+    """Wait for every child; when one stops early, stop the rest (they would hang in a collective)."""
+    exited: list[int] = []  # exit codes in the order the children ended
+    running = list(children)
+    while running:
+        for child in [c for c in running if c.poll() is not None]:
+            running.remove(child)
+            exited.append(child.returncode)
+            # A failed rank leaves its peers hanging in a collective: stop them (SIGTERM, so a rank
+            # that still can saves first). A preempted one does not: its peers agreed to stop with
+            # it and are saving and exiting already; a signal now could kill one mid-exit.
+            if child.returncode not in (0, contract.EXIT_PREEMPTED):
+                for other in running:
+                    other.terminate()
+        time.sleep(poll_seconds if running else 0)
+    return pod_exit_code(exited)
+
+
+def pod_exit_code(codes: list[int]) -> int:
+    """The pod's exit code from its ranks' (in the order they ended).
+
+    A real failure wins (the first one), because the checkpoint may be incomplete; else
+    `EXIT_PREEMPTED` if any rank stopped early on SIGTERM (its peers followed it); else 0.
+    A rank killed by signal N counts as 128 + N, as a shell reports it.
+    """
+    codes = [128 - code if code < 0 else code for code in codes]
+    failures = [code for code in codes if code not in (0, contract.EXIT_PREEMPTED)]
+    if failures:
+        return failures[0]
+    return contract.EXIT_PREEMPTED if contract.EXIT_PREEMPTED in codes else 0
 
 
 if __name__ == "__main__":

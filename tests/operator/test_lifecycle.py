@@ -1,6 +1,7 @@
 """The NeoXTraining lifecycle against the real control plane, with the operator running:
-create → Running → pod failure → group restart → Succeeded → TTL cleanup (claim kept),
-maxRestarts → Failed naming the pod, node loss, suspend/resume."""
+create → Running → pod failure → group restart → Succeeded once the final step is reported
+→ TTL cleanup (claim kept), maxRestarts → Failed naming the pod, preemption without
+spending maxRestarts, node loss, suspend/resume."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 
 import pytest
 
-from neox_runtime.api import names
+from neox_runtime.api import contract, names
 from tests.cluster.kube import wait_for
 
 from .helpers import (OperatorProcess, condition, condition_is, events, pod_index, running_pods, status, training,
@@ -19,6 +20,13 @@ pytestmark = pytest.mark.cluster
 
 def _exists(kube, kind: str, name: str, namespace: str) -> bool:
     return kube.kubectl("get", kind, name, "-n", namespace, check=False).returncode == 0
+
+
+def _report_step(kube, namespace: str, name: str, step: int, total: int) -> None:
+    """What the runtime's reporter writes into status (its own field manager)."""
+    kube.kubectl("patch", "neoxtraining", name, "-n", namespace, "--subresource", "status", "--type", "merge",
+                 "--field-manager", "neox-runtime",
+                 "-p", json.dumps({"status": {"progress": {"step": step, "totalSteps": total}}}))
 
 
 def test_failure_restarts_whole_group_then_succeeds_and_ttl_keeps_claim(kube, namespace, operator):
@@ -47,8 +55,14 @@ def test_failure_restarts_whole_group_then_succeeds_and_ttl_keeps_claim(kube, na
     restart = next(e for e in events(kube, namespace) if e["reason"] == "Restarting")
     assert failing["metadata"]["name"] in restart["message"] and "exit code 1" in restart["message"]
 
+    # The Job completes before the runtime reported its final step: not (yet) a success.
+    _report_step(kube, namespace, name, 60, 100)
     for pod in running_pods(kube, namespace, name, 1, 2):
         kube.finish_pod(pod["metadata"]["name"], namespace, 0)
+    completing = wait_for(lambda: status(kube, namespace, name).get("phase") == "Completing"
+                          and condition(kube, namespace, name, "Succeeded"), 60, what="Completing")
+    assert completing["status"] == "False" and "step 60 of 100" in completing["message"]
+    _report_step(kube, namespace, name, 100, 100)
     wait_for(lambda: condition_is(kube, namespace, name, "Succeeded"), 60, what="Succeeded=True")
     st = status(kube, namespace, name)
     assert st["phase"] == "Succeeded" and st["completionTime"] and st["restarts"] == 1
@@ -79,6 +93,22 @@ def test_max_restarts_reached_fails_naming_index_pod_and_exit_code(kube, namespa
     assert condition(kube, namespace, name, "Ready")["status"] == "False"
     wait_for(lambda: not worker_pods(kube, namespace, name), 30, what="pods released")
     assert not _exists(kube, "job", names.training_job(name, 2), namespace)
+
+
+def test_preempted_pods_restart_the_group_without_spending_max_restarts(kube, namespace, operator):
+    name = "preempted"
+    kube.apply(training(name, failurePolicy={"maxRestarts": 0}), namespace)
+    for attempt in (0, 1):  # twice preempted: a budget of zero restarts is not touched
+        pods = wait_for(lambda: running_pods(kube, namespace, name, attempt, 2), 60, what=f"attempt {attempt}")
+        kube.finish_pod(pods[attempt]["metadata"]["name"], namespace, contract.EXIT_PREEMPTED)  # its peer goes with it
+    pods = wait_for(lambda: running_pods(kube, namespace, name, 2, 2), 60, what="attempt 2 running")
+    st = status(kube, namespace, name)
+    assert (st["restarts"], st["preemptions"], st["phase"]) == (2, 2, "Running")
+    restart = next(e for e in events(kube, namespace) if e["reason"] == "Restarting")
+    assert "on SIGTERM" in restart["message"] and "not counted against maxRestarts 0" in restart["message"]
+    kube.finish_pod(pods[0]["metadata"]["name"], namespace, 1)  # a real failure: the budget of 0 is spent
+    failed = wait_for(lambda: condition_is(kube, namespace, name, "Failed"), 60, what="Failed=True")
+    assert failed["reason"] == "PodFailed" and "and 2 preemptions" in failed["message"]
 
 
 @pytest.fixture

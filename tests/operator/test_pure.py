@@ -188,3 +188,102 @@ def test_cli_scopes_kopf_to_namespaces_or_the_whole_cluster(monkeypatch):
     assert calls[0]["standalone"] is True and calls[0]["liveness_endpoint"] is None
     assert calls[1]["clusterwide"] is False and calls[1]["namespaces"] == ["team-a", "team-b"]
     assert calls[1]["liveness_endpoint"] == "http://0.0.0.0:9090/healthz"
+
+
+def _running_attempt(**spec):
+    """A training whose attempt-0 Job exists, as stored, with the status the operator wrote for it."""
+    body = _body(**spec)
+    first = reconcile(_observe(body))
+    body["status"] = first.status
+    created = _as_stored([a.body for a in first.actions])
+    return body, [c for c in created if c["kind"] != "Job"], [c for c in created if c["kind"] == "Job"]
+
+
+def _complete(job: dict, at: str = "2026-01-01T12:00:00Z") -> dict:
+    job["status"] = {"completionTime": at, "conditions": [{"type": "Complete", "status": "True"}]}
+    return job
+
+
+def _condition(decision, type_: str) -> dict:
+    return next(c for c in decision.status["conditions"] if c["type"] == type_)
+
+
+def test_a_job_complete_without_the_final_step_reported_is_not_succeeded_then_restarts():
+    body, children, jobs = _running_attempt(training={"steps": 200}, failurePolicy={"maxRestarts": 1})
+    body["status"]["progress"] = {"step": 50, "totalSteps": 200}
+    _complete(jobs[0])
+    early = reconcile(_observe(body, children, jobs, now=NOW + timedelta(seconds=5)))
+    assert early.status["phase"] == "Completing" and early.actions == []
+    succeeded = _condition(early, "Succeeded")
+    assert succeeded["status"] == "False" and "step 50 of 200" in succeeded["message"]
+    assert 24 < early.requeue_after <= 25  # the final report may still be in flight
+
+    late = reconcile(_observe(body, children, jobs, now=NOW + timedelta(seconds=31)))
+    assert [str(a) for a in late.actions] == ["delete Job/demo-a0"] and late.status["restarts"] == 1
+    restarting = _condition(late, "Restarting")
+    assert restarting["reason"] == "FinalStepNotReported" and "restart 1 of at most 1" in restarting["message"]
+    assert _condition(late, "Succeeded")["status"] == "False" and "preemptions" not in late.status
+
+    # It keeps happening: maxRestarts ends it as Failed with a reason that says why.
+    body["status"] = late.status
+    again = _complete(render_job(body, attempt=1))
+    final = reconcile(_observe(body, children, [again], now=NOW + timedelta(seconds=90)))
+    failed = _condition(final, "Failed")
+    assert final.status["phase"] == "Failed" and failed["reason"] == "FinalStepNotReported"
+    assert "gave up after 1 restarts" in failed["message"]
+
+
+def test_a_job_complete_with_the_final_step_reported_succeeds():
+    body, children, jobs = _running_attempt(training={"steps": 200})
+    body["status"]["progress"] = {"step": 200, "totalSteps": 200}
+    done = reconcile(_observe(body, children, [_complete(jobs[0])]))
+    assert done.status["phase"] == "Succeeded" and _condition(done, "Succeeded")["reason"] == "FinalStepReached"
+
+
+def test_a_preempted_group_restarts_without_spending_max_restarts():
+    body, children, jobs = _running_attempt(failurePolicy={"maxRestarts": 0, "backoffSeconds": 10})
+    preempted = [_failed_pod(0, 75), _failed_pod(1, 75)]
+    first = reconcile(_observe(body, children, jobs, preempted))
+    assert [str(a) for a in first.actions] == ["delete Job/demo-a0"]
+    assert (first.status["restarts"], first.status["preemptions"]) == (1, 1)
+    restarting = _condition(first, "Restarting")
+    assert restarting["reason"] == "Preempted" and "not counted against maxRestarts 0" in restarting["message"]
+    assert "exit code 75" in restarting["message"] and first.requeue_after == 10
+
+    # The next attempt starts after the first backoff (a preemption does not double it) ...
+    body["status"] = first.status
+    assert [str(a) for a in reconcile(_observe(body, children, [], now=NOW + timedelta(seconds=11))).actions] \
+        == ["create Job/demo-a1"]
+    # ... and a real failure of it, with maxRestarts 0, ends the training.
+    attempt1 = render_job(body, attempt=1)
+    crashed = _failed_pod(1, 137)
+    crashed["metadata"]["labels"]["neox.dev/attempt"] = "1"
+    final = reconcile(_observe(body, children, [attempt1], [crashed], now=NOW + timedelta(seconds=20)))
+    assert final.status["phase"] == "Failed"
+    assert "gave up after 0 restarts (maxRestarts 0) and 1 preemptions" in _condition(final, "Failed")["message"]
+
+
+def test_a_pod_kubernetes_disrupted_does_not_count_whatever_it_exited_with():
+    body, children, jobs = _running_attempt(failurePolicy={"maxRestarts": 0})
+    evicted = _failed_pod(1, 137)  # killed at the end of its grace period, say
+    evicted["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                        "reason": "EvictionByEvictionAPI", "message": "Eviction API: evicting"}]
+    decision = reconcile(_observe(body, children, jobs, [evicted]))
+    assert decision.status["phase"] == "Restarting" and decision.status["preemptions"] == 1
+    restarting = _condition(decision, "Restarting")
+    assert restarting["reason"] == "PodDisrupted" and "EvictionByEvictionAPI" in restarting["message"]
+    assert "exited with code 137" in restarting["message"]
+
+
+def test_a_real_failure_among_preempted_pods_counts():
+    body, children, jobs = _running_attempt(failurePolicy={"maxRestarts": 0})
+    final = reconcile(_observe(body, children, jobs, [_failed_pod(0, 75), _failed_pod(1, 1)]))
+    assert final.status["phase"] == "Failed" and _condition(final, "Failed")["reason"] == "PodFailed"
+
+
+def render_job(body: dict, attempt: int) -> dict:
+    from neox_operator import render
+
+    owner = render.Owner(body["metadata"]["name"], body["metadata"]["namespace"], body["metadata"]["uid"])
+    job = render.job(owner, NeoXTrainingSpec.model_validate(body["spec"]), attempt)
+    return _as_stored([job])[0]

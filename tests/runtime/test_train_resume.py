@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from runtime_helpers import TINY_ARCH, losses, neox_train, write_config
+from neox_runtime.api import contract
 
 
 def _config(tmp_path, name, data, zero_stage, accumulation, steps=6):
@@ -28,7 +29,10 @@ def _ok(proc):
 def test_stop_and_resume_matches_uninterrupted_run(tmp_path, byte_data, zero_stage):
     _ok(neox_train(_config(tmp_path, "full", byte_data, zero_stage, 2), 2))
     resumed = _config(tmp_path, "resumed", byte_data, zero_stage, 2)
-    _ok(neox_train(resumed, 2, "--stop-at-step", "3"))
+    stopped = neox_train(resumed, 2, "--stop-at-step", "3")
+    # Stopped before its final step: the ranks exit EXIT_PREEMPTED, which torchrun reports as a failure.
+    assert stopped.returncode == 1, stopped.stderr[-3000:]
+    assert f"exitcode  : {contract.EXIT_PREEMPTED}" in stopped.stderr
     assert (tmp_path / "ckpt-resumed" / "latest").read_text().strip() == "global_step3"
     # the same checkpoint, resumed on one rank (same global batch: 2 x 4 instead of 2 x 2 x 2)
     shutil.copytree(tmp_path / "ckpt-resumed", tmp_path / "ckpt-dp1")

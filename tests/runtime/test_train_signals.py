@@ -1,4 +1,5 @@
-"""Preemption and crash safety: SIGTERM leaves a complete checkpoint; a failed save never moves `latest`."""
+"""Preemption and crash safety: SIGTERM leaves a complete checkpoint and exits EXIT_PREEMPTED;
+a failed save never moves `latest`."""
 
 import json
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 
 from runtime_helpers import TINY_ARCH, env, neox_train, write_config
+from neox_runtime.api import contract
 from neox_runtime.train import checkpoints
 
 
@@ -21,7 +23,7 @@ def _config(tmp_path, data, **over):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_complete_checkpoint_and_exits_zero(tmp_path, byte_data):
+def test_sigterm_saves_complete_checkpoint_and_exits_preempted(tmp_path, byte_data):
     config = _config(tmp_path, byte_data, checkpoint_interval=10**6)
     proc = subprocess.Popen([sys.executable, "-m", "neox_runtime.train.cli", "--config", config], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -31,7 +33,7 @@ def test_sigterm_saves_complete_checkpoint_and_exits_zero(tmp_path, byte_data):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0, stderr[-2000:]
+    assert proc.returncode == contract.EXIT_PREEMPTED, stderr[-2000:]  # stopped early: never 0
     last = json.loads(progress.read_text().splitlines()[-1])
     assert last["event"] == "preempted"
     tag = checkpoints.read_latest(tmp_path / "ckpt")

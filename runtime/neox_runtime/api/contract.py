@@ -34,6 +34,14 @@ ENV_DATA_DIR = "NEOX_DATA_DIR"  # the data directory, inside whichever volume ho
 ENV_PROGRESS = "NEOX_PROGRESS"  # "kubernetes" (patch the CR's status), "file:PATH" or "off"
 ENV_DS_ACCELERATOR = "DS_ACCELERATOR"
 
+# Exit status of a rank (and so of its pod) that stopped before its final step because it was
+# asked to (SIGTERM: preemption, node drain, eviction) after saving a checkpoint. It is
+# sysexits' EX_TEMPFAIL, "try again later": never 0, so an unfinished run is never read as a
+# success, and not 128 + a signal, so it is not confused with a rank killed before it saved.
+# The operator restarts the group from the latest checkpoint on it, without counting the
+# restart against spec.failurePolicy.maxRestarts.
+EXIT_PREEMPTED = 75
+
 # Field manager the runtime writes status with (the operator uses its own).
 RUNTIME_FIELD_MANAGER = "neox-runtime"
 

@@ -16,6 +16,7 @@ from .common import (
     CONDITIONS_FIELD_EXTRA, DEFAULT_RUNTIME_IMAGE, QUANTITY_PATTERN, Condition,
     Resources, Scheduling, not_both,
 )
+from .contract import EXIT_PREEMPTED
 from .layout import ParallelLayout
 from .schema import CRDModel, Rule
 from .spec_rules import LAYOUT_RULES, arch_cel, arch_value, camel, unclaimed_problems
@@ -236,7 +237,9 @@ class CheckpointSpec(CRDModel):
 
 
 class FailurePolicy(CRDModel):
-    max_restarts: int = Field(3, ge=0, le=1000, description="Group restarts before the training is Failed.")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Group restarts after failures before the training "
+                              f"is Failed; restarts after a preemption (a pod that exited {EXIT_PREEMPTED} after checkpointing "
+                              "on SIGTERM, or one with the DisruptionTarget condition) do not count.")
     backoff_seconds: int = Field(10, ge=0, le=3600, description="First restart delay; doubles each restart.")
     max_backoff_seconds: int = Field(600, ge=0, le=86400, description="Cap of the restart delay.")
     progress_timeout_seconds: int | None = Field(
@@ -324,7 +327,10 @@ class NeoXTrainingStatus(CRDModel):
     observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
     phase: str | None = Field(None, description="One-word summary for `kubectl get`; conditions carry the truth.")
     conditions: list[Condition] | None = Field(None, description="Current state, in Kubernetes condition form.")
-    restarts: int | None = Field(None, description="Times the pod group was restarted after a failure.")
+    restarts: int | None = Field(None, description="Times the pod group was restarted (after a failure or a "
+                                 "preemption); the attempt number of the current pod group.")
+    preemptions: int | None = Field(None, description="Restarts a preemption caused; maxRestarts does not count "
+                                    "them.")
     workers_ready: int | None = Field(None, description="Pods of the group that are running.")
     workers_total: int | None = Field(None, description="Pods the group has.")
     workers: str | None = Field(None, description="`ready/total`, for the printer column.")

@@ -150,9 +150,14 @@ def load_config(path: str | Path) -> TrainConfig:
     data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping")
-    if data.get("kind") in ("NeoXTraining", "ResolvedTraining") or {"spec", "model", "training"} & set(data):
+    if is_custom_resource(data):
         return _from_custom_resource(data)
     return TrainConfig.from_dict(data)
+
+
+def is_custom_resource(data: dict[str, Any]) -> bool:
+    """A NeoXTraining manifest, its bare spec, or the operator's resolved document (not a TrainConfig)."""
+    return data.get("kind") in ("NeoXTraining", "ResolvedTraining") or bool({"spec", "model", "training"} & set(data))
 
 
 def _from_custom_resource(data: dict[str, Any]) -> TrainConfig:
